@@ -1,0 +1,172 @@
+"""The DeepSeek-V3.x language model: embedding, scanned decoder layers, output head, MTP.
+
+    h = Emb(tokens)
+    for each layer:  h += MLA(RMSNorm(h));  h += FFN(RMSNorm(h))    FFN: dense SwiGLU, then MoE
+    logits = RMSNorm(h) W_head
+
+The first `num_dense_layers` layers and the MoE layers are two stacks of identical layers
+whose parameters carry a leading `layers` axis; each stack runs under `nn.scan`, so compile
+time does not grow with depth. Params are a plain pytree; `forward` below is a pure function.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from dsjax.model.mla import MLA
+from dsjax.model.moe import MLP, MoE
+from dsjax.model.mtp import MTPModule
+from dsjax.model.norms import RMSNorm
+from dsjax.model.params import Kernel, contract
+from dsjax.model.rope import rope_tables
+
+
+class ModelOutput(NamedTuple):
+    logits: jax.Array  # [B, T, vocab] float32
+    mtp_logits: jax.Array | None  # [num_mtp_layers, B, T, vocab]: module k at i predicts token i + k + 2
+    aux: dict  # per router-holding subtree ("moe_layers", "mtp_0", ...): expert_load, balance_loss, expert_indices
+    hidden: jax.Array  # [B, T, D], the last decoder layer's output before the final norm
+
+
+class DecoderLayer(nn.Module):
+    config: Any
+    use_moe: bool
+
+    @nn.compact
+    def __call__(self, h, forced_indices, cos, sin, attention_mask, valid):
+        c = self.config
+        norm = dict(eps=c.rms_norm_eps, dtype=c.dtype, param_dtype=c.param_dtype)
+        h = h + MLA(c, name="attention")(RMSNorm(name="attention_norm", **norm)(h), cos, sin, attention_mask)
+        x = RMSNorm(name="mlp_norm", **norm)(h)
+        if self.use_moe:
+            y, aux = MoE(c, name="mlp")(x, valid, forced_indices)
+        else:
+            y, aux = MLP(c.dense_intermediate_size, c, name="mlp")(x), {}
+        return h + y, aux
+
+
+_REMAT_POLICIES = {
+    "full": None,  # save nothing: recompute the whole layer in the backward pass
+    "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+def _layer_stack(config, num_layers: int, use_moe: bool, name: str):
+    layer = DecoderLayer
+    if config.remat_policy != "none":
+        layer = nn.remat(layer, policy=_REMAT_POLICIES[config.remat_policy], prevent_cse=False)
+    scanned = nn.scan(
+        layer,
+        variable_axes={"params": 0, "intermediates": 0},
+        split_rngs={"params": True},
+        in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+        length=num_layers,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+    )
+    return scanned(config, use_moe=use_moe, name=name)
+
+
+def positions_from_segments(segment_ids: jax.Array) -> jax.Array:
+    """Position of each token inside its document: restarts at 0 where the segment id changes."""
+    length = segment_ids.shape[-1]
+    index = jnp.arange(length)
+    starts = jnp.concatenate([jnp.ones_like(segment_ids[..., :1], bool), segment_ids[..., 1:] != segment_ids[..., :-1]], -1)
+    start_index = jax.lax.cummax(jnp.where(starts, index, 0), axis=segment_ids.ndim - 1)
+    return (index - start_index).astype(jnp.int32)
+
+
+def attention_mask_for(segment_ids: jax.Array) -> jax.Array:
+    """[B, T, S] True where query t may attend key s: causal and inside the same document.
+
+    Padding (segment 0) attends only to padding, so no row is empty and real tokens never see it.
+    """
+    length = segment_ids.shape[-1]
+    causal = jnp.tril(jnp.ones((length, length), bool))
+    return causal[None] & (segment_ids[:, :, None] == segment_ids[:, None, :])
+
+
+class Transformer(nn.Module):
+    config: Any  # a FrozenConfigDict (hashable, as Flax module fields must be)
+
+    @nn.compact
+    def __call__(self, tokens, segment_ids=None, positions=None, forced_routing=None) -> ModelOutput:
+        c = self.config
+        forced_routing = forced_routing or {}
+        if segment_ids is None:
+            segment_ids = jnp.ones(tokens.shape, jnp.int32)
+        if positions is None:
+            positions = positions_from_segments(segment_ids)
+        valid = segment_ids > 0
+        mask = attention_mask_for(segment_ids)
+        cos, sin = rope_tables(positions, c)
+
+        embedding = Kernel((c.vocab_size, c.hidden_size), ("vocab", "embed"), init_std=c.initializer_range,
+                           param_dtype=c.param_dtype, param_name="embedding", name="embed")()
+        embed = lambda ids: jnp.take(embedding, ids, axis=0).astype(c.dtype)  # noqa: E731
+        h = embed(tokens)
+
+        aux = {}
+        num_moe = c.num_layers - c.num_dense_layers
+        for name, count, use_moe in (("dense_layers", c.num_dense_layers, False), ("moe_layers", num_moe, True)):
+            if count:
+                h, layer_aux = _layer_stack(c, count, use_moe, name)(h, forced_routing.get(name), cos, sin, mask, valid)
+                if use_moe:
+                    aux[name] = layer_aux
+
+        final_norm = RMSNorm(eps=c.rms_norm_eps, dtype=c.dtype, param_dtype=c.param_dtype, name="final_norm")
+        if c.tie_word_embeddings:
+            head = embedding.T
+        else:
+            head = Kernel((c.hidden_size, c.vocab_size), ("embed", "vocab"), init_std=c.initializer_range,
+                          param_dtype=c.param_dtype, name="lm_head")()
+        output_head = lambda x: contract(x, head, 1, c.dtype, preferred=jnp.float32)  # noqa: E731
+        logits = output_head(final_norm(h))
+
+        mtp_logits = []
+        previous = h
+        for k in range(c.num_mtp_layers):
+            # Module k+1 at position i reads token i + k + 1; the wrapped tail is masked by the loss.
+            next_embeddings = embed(jnp.roll(tokens, -(k + 1), axis=1))
+            name = f"mtp_{k}"
+            previous, normed, aux[name] = MTPModule(c, DecoderLayer, name=name)(
+                previous, next_embeddings, forced_routing.get(name), cos, sin, mask, valid)
+            mtp_logits.append(output_head(normed))
+        return ModelOutput(logits, jnp.stack(mtp_logits) if mtp_logits else None, aux, h)
+
+
+def frozen(config) -> ml_collections.FrozenConfigDict:
+    return config if isinstance(config, ml_collections.FrozenConfigDict) else ml_collections.FrozenConfigDict(config)
+
+
+def build(config) -> Transformer:
+    return Transformer(frozen(config))
+
+
+def init_params(config, rng: jax.Array, *, sequence_length: int = 8) -> dict:
+    """Random parameters (a plain dict of arrays, no partitioning boxes)."""
+    return nn.unbox(_init_boxed(config, rng, sequence_length))["params"]
+
+
+def _init_boxed(config, rng, sequence_length):
+    return build(config).init(rng, jnp.zeros((1, sequence_length), jnp.int32))
+
+
+def abstract_params(config, *, boxed: bool = False):
+    """Shapes and dtypes of every parameter without allocating them (jax.eval_shape)."""
+    variables = jax.eval_shape(lambda rng: _init_boxed(config, rng, 2), jax.random.key(0))
+    return variables["params"] if boxed else nn.unbox(variables)["params"]
+
+
+def logical_axes(config) -> dict:
+    """A pytree like params whose leaves are PartitionSpecs of logical axis names."""
+    return nn.get_partition_spec(abstract_params(config, boxed=True))
+
+
+def forward(params, tokens, config, *, segment_ids=None, positions=None, forced_routing=None) -> ModelOutput:
+    """The pure forward pass: (params, int tokens [B, T]) -> ModelOutput."""
+    return build(config).apply({"params": params}, tokens, segment_ids, positions, forced_routing)
