@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from dsjax.model.norms import LayerNorm
-from dsjax.model.params import Linear
+from dsjax.model.params import Linear, contract
 from dsjax.model.rope import apply_rope
 
 
@@ -61,3 +61,32 @@ def topk_selection_mask(index_scores: jax.Array, topk: int, attention_mask: jax.
     selected = jnp.zeros(index_scores.shape, bool)
     selected = selected.at[jnp.arange(batch)[:, None, None], jnp.arange(length)[None, :, None], indices].set(True)
     return selected & attention_mask
+
+
+def indexer_cached_scores(params, x, q_latent, cos, sin, cache_keys, write_index, key_mask, config):
+    """Index scores of new tokens against the indexer's key cache (decoding; same params as
+    `LightningIndexer`).
+
+    x [B, Tq, D], q_latent [B, Tq, q_lora_rank], cos/sin [B, Tq, rope/2]; cache_keys
+    [B, S, index_head_dim]; the new tokens' keys go to columns [write_index, write_index + Tq).
+    key_mask [B, Tq, S] marks the columns each new token may see.
+
+    Returns (scores [B, Tq, S] float32, -inf where masked; the new keys [B, Tq, index_head_dim];
+    the updated cache).
+    """
+    c = config
+    rope_dim, dtype = c.qk_rope_head_dim, c.dtype
+    q = contract(q_latent, params["wq_b"]["kernel"], 1, dtype)
+    k = contract(x, params["wk"]["kernel"], 1, dtype)
+    k = LayerNorm(eps=1e-6, axis_name="index_head_dim", dtype=dtype, param_dtype=c.param_dtype).apply(
+        {"params": params["k_norm"]}, k)
+    q = jnp.concatenate([apply_rope(q[..., :rope_dim], cos, sin, interleaved=False), q[..., rope_dim:]], -1)
+    k = jnp.concatenate([apply_rope(k[..., :rope_dim], cos, sin, interleaved=False), k[..., rope_dim:]], -1)
+    new_keys = k.astype(cache_keys.dtype)
+    cache_keys = jax.lax.dynamic_update_slice_in_dim(cache_keys, new_keys, write_index, axis=1)
+    weights = contract(x, params["weights_proj"]["kernel"], 1, dtype)
+    weights = weights.astype(jnp.float32) * c.index_num_heads ** -0.5
+    logits = jnp.einsum("bthd,bsd->bths", q.astype(jnp.float32), cache_keys.astype(jnp.float32))
+    logits = jax.nn.relu(logits * c.index_head_dim ** -0.5)
+    scores = jnp.einsum("bths,bth->bts", logits, weights)
+    return jnp.where(key_mask, scores, -jnp.inf), new_keys, cache_keys

@@ -149,7 +149,8 @@ def build(config) -> Transformer:
 
 def init_params(config, rng: jax.Array, *, sequence_length: int = 8) -> dict:
     """Random parameters (a plain dict of arrays, no partitioning boxes)."""
-    return nn.unbox(_init_boxed(config, rng, sequence_length))["params"]
+    init = jax.jit(lambda key: nn.unbox(_init_boxed(config, key, sequence_length))["params"])
+    return init(rng)
 
 
 def _init_boxed(config, rng, sequence_length):
