@@ -58,7 +58,9 @@ _DEFAULTS = dict(
     param_dtype="float32",  # storage dtype of parameters
     attention_impl="xla",  # "xla" (pure JAX); "pallas" kernels arrive with the DSA issue
     moe_impl="ragged",  # "ragged": sorted tokens + jax.lax.ragged_dot (dropless); "dense": every expert on every token (tests)
-    scan_layers=True,  # stack layers and lax.scan over them: compile time independent of depth
+    # Under a mesh with an `expert` axis > 1, routed experts run expert-parallel (all-to-all).
+    # 0: dropless; f > 0: each device accepts at most f x (its tokens x k / expert shards) copies.
+    expert_capacity_factor=0.0,
     remat_policy="none",  # "none", "full" or "dots" (save matmul outputs only)
     initializer_range=0.02,
 )

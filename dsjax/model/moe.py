@@ -19,7 +19,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dsjax.model.expert_parallel import routed_experts_expert_parallel
 from dsjax.model.params import Kernel, Linear, logical_param
+from dsjax.sharding import active_mesh
 
 
 class Routing(NamedTuple):
@@ -103,6 +105,12 @@ class RoutedExperts(nn.Module):
         up = Kernel((c.num_routed_experts, dim, hidden), ("expert", "embed", "mlp"), name="up_proj", **common)()
         down = Kernel((c.num_routed_experts, hidden, dim), ("expert", "mlp", "embed"), name="down_proj", **common)()
         gate, up, down = (w.astype(c.dtype) for w in (gate, up, down))
+        mesh = active_mesh()
+        if mesh is not None and mesh.shape.get("expert", 1) > 1 and c.moe_impl == "ragged":
+            out, dropped = routed_experts_expert_parallel(tokens, routing, gate, up, down, mesh=mesh,
+                                                          capacity_factor=c.expert_capacity_factor)
+            self.sow("intermediates", "dropped_copies", dropped)
+            return out
         compute = routed_experts_ragged if c.moe_impl == "ragged" else routed_experts_dense
         return compute(tokens, routing, gate, up, down)
 
