@@ -30,14 +30,16 @@ BATCH_AXES = ("data", "fsdp", "expert")
 # logical axis name -> mesh axes (None: replicated)
 RULES: dict[str, tuple[str, ...] | str | None] = {
     "batch": BATCH_AXES,
-    "embed": "fsdp",
+    # Dense weights shard over every data-parallel axis that holds state (ZeRO-3 style); expert
+    # weights use `expert` for their expert dim, so their embed dim gets `fsdp` only.
+    "embed": ("fsdp", "expert"),
     "vocab": "tensor",
     "heads": "tensor",
     "mlp": "tensor",
     "expert": "expert",
     "index_heads": "tensor",
-    "q_lora": None,
-    "kv_lora": None,
+    "q_lora": ("fsdp", "expert"),  # q_b_proj / kv_b_proj have no embed dim: shard their latent side
+    "kv_lora": ("fsdp", "expert"),
     "head_dim": None,
     "index_head_dim": None,
     "concat_embed": None,
