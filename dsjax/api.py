@@ -11,8 +11,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dsjax.hf.checkpoint import count_mtp_layers, has_mtp_tensors, load_params
+from dsjax.hf.checkpoint import check_names, check_tensors, fp8_format, load_params, resolve_mtp_layers
 from dsjax.hf.config import from_hf, read_hf_config
+from dsjax.hf.names import leaf_maps
 from dsjax.hf.safetensors_io import CheckpointReader
 from dsjax.model.transformer import ModelOutput, forward, frozen
 
@@ -53,24 +54,61 @@ class LanguageModel:
         """int [B, T] -> float32 logits [B, T, vocab]."""
         return self.forward(input_ids, segment_ids=segment_ids, positions=positions).logits
 
+    def generate(self, input_ids, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+                 seed=0, stop_tokens=(), prompt_lengths=None, *, pad_token: int = 0, callback=None,
+                 return_logits: bool = False):
+        """Sample `max_new_tokens` tokens after each prompt; returns a `dsjax.generate.GenerateOutput`.
+
+        input_ids: int [B, T] (or [T]) with prompts **left-padded** (row b's prompt in its last
+        `prompt_lengths[b]` columns; None: all T), or a list of token lists of different lengths
+        (left-padded here). temperature 0 is greedy. See `dsjax.generate` for the outputs.
+        """
+        from dsjax.generate import generate, left_pad  # noqa: PLC0415 (keeps `import dsjax` light)
+
+        if isinstance(input_ids, (list, tuple)) and input_ids and not np.isscalar(input_ids[0]):
+            if prompt_lengths is not None:
+                raise ValueError("prompt_lengths is implied by a list of token lists; pass one or the other")
+            input_ids, prompt_lengths = left_pad(input_ids, pad_token)
+        tokens = self._check_tokens(input_ids)
+        if prompt_lengths is not None:
+            lengths = np.asarray(prompt_lengths).reshape(-1)
+            if lengths.shape != (tokens.shape[0],) or lengths.min() < 1 or lengths.max() > tokens.shape[1]:
+                raise ValueError(f"prompt_lengths must give one length in [1, {tokens.shape[1]}] per row, "
+                                 f"got {prompt_lengths!r}")
+        return generate(self.params, self.config, tokens, prompt_lengths, max_new_tokens=max_new_tokens,
+                        temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop_tokens=stop_tokens,
+                        pad_token=pad_token, callback=callback, return_logits=return_logits)
+
 
 def load(path: str, **overrides) -> LanguageModel:
-    """Load a checkpoint directory: an HF one (config.json + *.safetensors, official DeepSeek names,
-    bf16/fp32 or FP8 with 128x128 block scales). `overrides` set model config fields, e.g.
-    `dtype="bfloat16"` or `attention_impl="xla"`."""
+    """Load a checkpoint directory. `path` may be
+
+    - an HF checkpoint (config.json + *.safetensors, official DeepSeek names; bf16/fp32, or FP8 with
+      block scales, dequantised on load);
+    - an Orbax checkpoint written by `python -m dsjax.convert hf-to-orbax` (FP8-kept ones are
+      dequantised with their scales);
+    - a training run: its workdir, `WORKDIR/checkpoints`, or a step dir `WORKDIR/checkpoints/<step>`
+      (the latest complete step unless a step dir is given; the model config comes from the run
+      config saved with the checkpoint).
+
+    `overrides` set model config fields, e.g. `dtype="bfloat16"` or `attention_impl="xla"`;
+    `param_dtype` also casts the loaded parameters."""
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: no such checkpoint directory")
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        raise ValueError(f"{path}: not an HF checkpoint directory (no config.json)")
+    from dsjax.convert import layout  # noqa: PLC0415 (orbax is imported only when needed)
+
+    kind = layout.checkpoint_kind(path)
+    if kind != "hf":
+        config, params = layout.load_orbax_params(path, **overrides)
+        return LanguageModel(config, jax.tree_util.tree_map(jnp.asarray, params))
     hf_config = read_hf_config(path)
-    config = from_hf(hf_config, source=os.path.join(path, "config.json"), **overrides)
+    config_path = os.path.join(path, "config.json")
+    config = from_hf(hf_config, source=config_path, **overrides)
+    fp8 = fp8_format(hf_config, config_path)
     reader = CheckpointReader(path)
-    if "num_nextn_predict_layers" not in hf_config and "num_mtp_layers" not in overrides:
-        config.num_mtp_layers = count_mtp_layers(reader, config)  # HF's V3.2 config omits the count
-    if config.num_mtp_layers and not has_mtp_tensors(reader, config):
-        # transformers' save_pretrained drops MTP layers; keep the main model usable.
-        log.warning("%s: config.json declares %d MTP module(s) but the checkpoint has no model.layers.%d.* "
-                    "tensors; loading without MTP", path, config.num_mtp_layers, config.num_layers)
-        config.num_mtp_layers = 0
-    params = load_params(reader, config)
+    resolve_mtp_layers(reader, config, hf_config, explicit="num_mtp_layers" in overrides)
+    maps = leaf_maps(config)
+    check_names(reader, config, maps)
+    check_tensors(reader, maps, fp8, config_path)
+    params = load_params(reader, config, fp8=fp8)
     return LanguageModel(config, jax.tree_util.tree_map(jnp.asarray, params))

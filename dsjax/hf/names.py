@@ -61,6 +61,30 @@ MTP_SHARED_COPIES = {"embed_tokens.weight": ("embed", "embedding"), "shared_head
 # Kernels whose input side spans two dsjax dims (o_proj contracts [heads, v_head_dim]).
 _TWO_INPUT_DIMS = {("attention", "o_proj", "kernel")}
 
+# The Linears that the official FP8 checkpoints store as float8_e4m3fn with a 128x128-block
+# `<name>_scale_inv` (relative to a decoder layer): attention, dense MLP, routed and shared experts,
+# and the V3.2 indexer's wq_b / wk. Everything else (embeddings, lm_head, norms, the router
+# `mlp.gate`, `indexer.weights_proj`, the MTP `eh_proj`) stays bf16/fp32.
+FP8_LAYER_LEAVES = frozenset({
+    ("attention", "q_proj", "kernel"),
+    ("attention", "q_a_proj", "kernel"),
+    ("attention", "q_b_proj", "kernel"),
+    ("attention", "kv_a_proj", "kernel"),
+    ("attention", "kv_b_proj", "kernel"),
+    ("attention", "o_proj", "kernel"),
+    ("attention", "indexer", "wq_b", "kernel"),
+    ("attention", "indexer", "wk", "kernel"),
+    ("mlp", "gate_proj", "kernel"),
+    ("mlp", "up_proj", "kernel"),
+    ("mlp", "down_proj", "kernel"),
+    ("mlp", "shared_experts", "gate_proj", "kernel"),
+    ("mlp", "shared_experts", "up_proj", "kernel"),
+    ("mlp", "shared_experts", "down_proj", "kernel"),
+    ("mlp", "experts", "gate_proj", "kernel"),
+    ("mlp", "experts", "up_proj", "kernel"),
+    ("mlp", "experts", "down_proj", "kernel"),
+})
+
 
 @dataclasses.dataclass(frozen=True)
 class LeafMap:
@@ -68,10 +92,21 @@ class LeafMap:
     hf_names: np.ndarray  # object array of HF names, shape = stack_shape
     slice_shape: tuple[int, ...]  # dsjax shape of one slice
     in_dims: int  # 0: same layout in both; n > 0: HF [out, in] <-> dsjax [*in (n dims), *out]
+    fp8: bool = False  # the official FP8 checkpoints quantise this leaf's HF tensors (FP8_LAYER_LEAVES)
 
     @property
     def stack_shape(self) -> tuple[int, ...]:
         return self.hf_names.shape
+
+    @property
+    def stack_ndim(self) -> int:
+        return len(self.stack_shape)
+
+    @property
+    def in_out_sizes(self) -> tuple[int, int]:
+        """A kernel slice as the 2-D matrix [in, out] (the transpose of the HF [out, in] tensor)."""
+        in_shape, out_shape = self.slice_shape[:self.in_dims], self.slice_shape[self.in_dims:]
+        return int(np.prod(in_shape)), int(np.prod(out_shape))
 
     @property
     def hf_shape(self) -> tuple[int, ...]:
@@ -137,7 +172,8 @@ def leaf_maps(config) -> list[LeafMap]:
             names = _lookup(TOP_NAMES, path, path)
             slice_shape = shape
         in_dims = 0 if rel[-1] != "kernel" else (2 if rel in _TWO_INPUT_DIMS else 1)
-        maps.append(LeafMap(path, np.array(names, dtype=object), slice_shape, in_dims))
+        # Decoder-layer Linears only (MTP_NAMES' eh_proj and TOP_NAMES are never in the set).
+        maps.append(LeafMap(path, np.array(names, dtype=object), slice_shape, in_dims, fp8=rel in FP8_LAYER_LEAVES))
     return maps
 
 

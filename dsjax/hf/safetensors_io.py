@@ -74,6 +74,30 @@ class SafetensorsFile:
     def dtype(self, name) -> np.dtype:
         return self._entries[name][0]
 
+    def nbytes(self, name) -> int:
+        dtype, shape, _ = self._entries[name]
+        return int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+
+    def read(self, name: str) -> np.ndarray:
+        """The tensor copied into a fresh array with positioned reads (no memory map).
+
+        Streaming converters use this: a map keeps every page it touched resident (and counted
+        in the process's RSS) until it is closed, a copy is freed as soon as it is dropped."""
+        dtype, shape, begin = self._entries[name]
+        out = np.empty(shape, dtype)
+        view = memoryview(out.reshape(-1).view(np.uint8))
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            offset, done = self._data_start + begin, 0
+            while done < len(view):
+                n = os.preadv(fd, [view[done:]], offset + done)
+                if n <= 0:
+                    raise CheckpointFormatError(f"{self.path}: truncated while reading tensor {name!r}")
+                done += n
+        finally:
+            os.close(fd)
+        return out
+
     def get(self, name: str) -> np.ndarray:
         """The tensor as a read-only array backed by the file (no copy until used)."""
         dtype, shape, begin = self._entries[name]
@@ -84,30 +108,58 @@ class SafetensorsFile:
         return self._map[start:start + count * dtype.itemsize].view(dtype).reshape(shape)
 
 
-def write_safetensors(path: str, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> int:
-    """Write tensors to `path` atomically (a temporary file renamed into place). Returns bytes written."""
+def _header_bytes(path, entries, metadata) -> tuple[bytes, int]:
     header, offset = {}, 0
-    arrays = {}
-    for name, value in tensors.items():
-        array = np.ascontiguousarray(value)
-        if array.dtype not in _NAMES:
-            raise ValueError(f"{path}: tensor {name!r} has dtype {array.dtype} that safetensors cannot store")
-        header[name] = {"dtype": _NAMES[array.dtype], "shape": list(array.shape),
-                        "data_offsets": [offset, offset + array.nbytes]}
-        offset += array.nbytes
-        arrays[name] = array
+    for name, dtype, shape in entries:
+        dtype = np.dtype(dtype)
+        if dtype not in _NAMES:
+            raise ValueError(f"{path}: tensor {name!r} has dtype {dtype} that safetensors cannot store")
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        header[name] = {"dtype": _NAMES[dtype], "shape": [int(d) for d in shape], "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)  # keep tensor data 8-byte aligned
+    return struct.pack("<Q", len(encoded)) + encoded, offset
+
+
+def write_safetensors_stream(path: str, entries, tensors, metadata: dict[str, str] | None = None) -> int:
+    """Write a safetensors file whose tensors arrive one at a time, atomically; returns bytes written.
+
+    `entries` lists (name, dtype, shape) in file order; `tensors` yields the arrays in that order.
+    Only one tensor is held at a time, so a shard larger than memory can be written."""
+    entries = [(name, np.dtype(dtype), tuple(shape)) for name, dtype, shape in entries]
+    head, data_bytes = _header_bytes(path, entries, metadata)
     tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(encoded)))
-        f.write(encoded)
-        for array in arrays.values():
-            f.write(array.tobytes())
-    os.replace(tmp, path)
-    return 8 + len(encoded) + offset
+    try:
+        with open(tmp, "wb") as f:
+            f.write(head)
+            iterator = iter(tensors)
+            for name, dtype, shape in entries:
+                array = next(iterator, None)
+                if array is None:
+                    raise ValueError(f"{path}: no data given for tensor {name!r}")
+                array = np.ascontiguousarray(array)
+                if array.dtype != dtype or tuple(array.shape) != shape:
+                    raise ValueError(f"{path}: tensor {name!r} is {array.dtype} {tuple(array.shape)}, "
+                                     f"the header says {dtype} {shape}")
+                f.write(memoryview(array.reshape(-1).view(np.uint8)))
+            if next(iterator, None) is not None:
+                raise ValueError(f"{path}: more tensors given than the {len(entries)} entries")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return len(head) + data_bytes
+
+
+def write_safetensors(path: str, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> int:
+    """Write tensors to `path` atomically (a temporary file renamed into place). Returns bytes written."""
+    arrays = {name: np.ascontiguousarray(value) for name, value in tensors.items()}
+    entries = [(name, array.dtype, array.shape) for name, array in arrays.items()]
+    return write_safetensors_stream(path, entries, arrays.values(), metadata)
 
 
 class CheckpointReader:
@@ -120,6 +172,7 @@ class CheckpointReader:
         index_path = os.path.join(directory, self.INDEX)
         self._files: dict[str, SafetensorsFile] = {}
         self._where: dict[str, str] = {}
+        self.unindexed: dict[str, str] = {}
         if os.path.isfile(index_path):
             try:
                 with open(index_path) as f:
@@ -135,6 +188,9 @@ class CheckpointReader:
                 if name not in self._files[shard]:
                     raise CheckpointFormatError(f"{index_path}: tensor {name!r} is not in its shard {shard}")
                 self._where[name] = shard
+            # Tensors a shard holds that the index does not list (invisible to readers that trust the index).
+            self.unindexed = {name: shard for shard, file in self._files.items()
+                              for name in file.keys() if name not in self._where}
         else:
             shards = sorted(f for f in os.listdir(directory) if f.endswith(".safetensors"))
             if not shards:
@@ -159,7 +215,23 @@ class CheckpointReader:
     def dtype(self, name):
         return self._files[self._where[name]].dtype(name)
 
+    def nbytes(self, name) -> int:
+        return self._files[self._where[name]].nbytes(name)
+
+    def shards(self) -> list[str]:
+        return list(self._files)
+
+    def offset(self, name) -> tuple[str, int]:
+        """(shard, byte offset) of a tensor: sorting by it reads the shards sequentially."""
+        return self._where[name], self._files[self._where[name]]._entries[name][2]
+
     def get(self, name: str) -> np.ndarray:
         if name not in self._where:
             raise KeyError(f"{self.directory}: tensor {name!r} not found in the checkpoint")
         return self._files[self._where[name]].get(name)
+
+    def read(self, name: str) -> np.ndarray:
+        """Like `get`, but a private copy read without a memory map (see `SafetensorsFile.read`)."""
+        if name not in self._where:
+            raise KeyError(f"{self.directory}: tensor {name!r} not found in the checkpoint")
+        return self._files[self._where[name]].read(name)

@@ -18,11 +18,12 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from dsjax.model.mla import mla_cached
-from dsjax.model.moe import MLP, MoE
+from dsjax.model.moe import MLP, MoE, _Router
 from dsjax.model.norms import RMSNorm
 from dsjax.model.params import contract
 from dsjax.model.rope import rope_tables
@@ -72,6 +73,30 @@ def cache_bytes_per_token(config, dtype="bfloat16") -> dict[str, int]:
 def _norm(params, x, config):
     return RMSNorm(eps=config.rms_norm_eps, dtype=config.dtype, param_dtype=config.param_dtype).apply(
         {"params": params}, x)
+
+
+def _moe_few_tokens(params, x, forced, config):
+    """The MoE layer for a few tokens (decode steps): gathers only the chosen experts' weights.
+
+    Same math as `MoE` (its router, then sum_k w_k expert_k(x) + shared experts); reading k experts
+    per token instead of all of them is what makes small-batch decoding memory-cheap. Used when
+    tokens x k < num_routed_experts. Returns (y [B, T, D], expert indices [B, T, k]).
+    """
+    c = config
+    batch, length, dim = x.shape
+    tokens = x.reshape(-1, dim)
+    k = c.num_experts_per_token
+    routing = _Router(c).apply({"params": params["router"]}, tokens, None if forced is None else forced.reshape(-1, k))
+    experts = params["experts"]
+    gate, up, down = (experts[name]["kernel"][routing.indices].astype(c.dtype)  # [N, k, ...]
+                      for name in ("gate_proj", "up_proj", "down_proj"))
+    tokens = tokens.astype(c.dtype)
+    hidden = nn.silu(jnp.einsum("nd,nkdf->nkf", tokens, gate)) * jnp.einsum("nd,nkdf->nkf", tokens, up)
+    routed = jnp.einsum("nkf,nkfd->nkd", hidden, down)
+    y = jnp.einsum("nkd,nk->nd", routed, routing.weights.astype(routed.dtype)).reshape(batch, length, dim)
+    if c.num_shared_experts:
+        y = y + MLP(c.moe_intermediate_size * c.num_shared_experts, c).apply({"params": params["shared_experts"]}, x)
+    return y.astype(c.dtype), routing.indices.reshape(batch, length, k)
 
 
 def forward_cached(params, tokens, cache, config, *, write_index, starts, forced_routing=None,
@@ -131,7 +156,9 @@ def forward_cached(params, tokens, cache, config, *, write_index, starts, forced
             if index_all is not None:
                 index_all = jax.lax.dynamic_update_slice(index_all, index_entries[None], (i, 0, write_index, 0))
             x = _norm(layer_params["mlp_norm"], h, c)
-            if use_moe:
+            if use_moe and batch * length * c.num_experts_per_token < c.num_routed_experts:
+                y, chosen = _moe_few_tokens(layer_params["mlp"], x, layer_forced, c)
+            elif use_moe:
                 y, aux = MoE(c).apply({"params": layer_params["mlp"]}, x, query_real, layer_forced)
                 chosen = aux["expert_indices"]
             else:

@@ -11,6 +11,7 @@ import math
 import jax
 
 from dsjax.model.config import make_config, preset_names
+from dsjax.model.decode import cache_bytes_per_token
 from dsjax.model.transformer import abstract_params
 
 
@@ -33,6 +34,13 @@ def parameter_counts(config) -> dict[str, int]:
                 active=int(round(total - inactive)))
 
 
+def _bytes(n: int) -> str:
+    for unit, size in (("MiB", 2 ** 20), ("KiB", 2 ** 10)):
+        if n >= size:
+            return f"{n:,} B ({n / size:,.1f} {unit})"
+    return f"{n:,} B"
+
+
 def format_summary(name: str, config) -> str:
     counts = parameter_counts(config)
     b = lambda n: f"{n / 1e9:,.2f}B" if n >= 1e8 else f"{n / 1e6:,.3f}M"  # noqa: E731
@@ -47,6 +55,17 @@ def format_summary(name: str, config) -> str:
         f"  active per token:        {b(counts['active'])}",
         f"  MTP modules (extra):     {b(counts['mtp'])} ({b(counts['mtp_stored'])} as stored in HF checkpoints, "
         "with their copies of the embedding and head)",
+    ]
+    cache = cache_bytes_per_token(config, "bfloat16")
+    parts = f"MLA latent {config.kv_lora_rank} + rope key {config.qk_rope_head_dim}"
+    if cache["indexer"]:
+        parts += f" + indexer key {config.index_head_dim}"
+    key_dim = config.qk_nope_head_dim + config.qk_rope_head_dim
+    per_head = f"{config.num_heads} heads x (K {key_dim} + V {config.v_head_dim})"
+    lines += [
+        f"  KV cache per token (bf16, {config.num_layers} layers): {_bytes(cache['total'])}: {parts} per layer",
+        f"    uncompressed per-head K and V:  {_bytes(cache['uncompressed'])}: {per_head} per layer,"
+        f" {cache['uncompressed'] / cache['total']:.1f}x more",
     ]
     return "\n".join(lines)
 

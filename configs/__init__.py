@@ -1,0 +1,1 @@
+"""Training configs: one file per experiment, each with `get_config()` building on `base`."""

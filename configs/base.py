@@ -1,0 +1,27 @@
+"""Shared defaults of every training config: `configs/NAME.py` files start from `get_config()`.
+
+A config is a ConfigDict; see `dsjax.train.loop.default_train_config` for what each key means.
+"""
+
+import ml_collections
+
+from dsjax.model.config import make_config
+from dsjax.train.loop import default_train_config
+
+
+def model(preset: str, **overrides) -> ml_collections.ConfigDict:
+    """All fields of a model preset plus overrides, as a ConfigDict.
+
+    A full ConfigDict (rather than the preset's name) lets the command line set any field:
+    `--config.model.num_layers=4`.
+    """
+    return make_config(preset, **overrides)
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = default_train_config()
+    # V3 pre-training values (reference section 9) are already the optimizer defaults:
+    # AdamW(0.9, 0.95), weight decay 0.1, clip 1.0, warm-up then cosine decay to 10%.
+    config.optimizer.warmup_steps = 100
+    config.optimizer.decay_steps = config.num_steps
+    return config

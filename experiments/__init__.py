@@ -1,0 +1,1 @@
+"""Command-line entry points (`python -m experiments.train --config configs/NAME.py ...`)."""

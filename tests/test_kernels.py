@@ -1,0 +1,375 @@
+"""DSA kernels (dsjax/kernels): each Pallas kernel against its pure-JAX reference, and each
+reference against a naive dense masked computation. Pallas kernels run in interpret mode on CPU:
+GPU style with interpret=True, TPU style (sparse MLA) with pltpu.InterpretParams on tiny shapes.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dsjax.kernels import _backend as be
+from dsjax.kernels import (attention_lse, attention_target, attention_target_at, indexer_topk,
+                           indexer_topk_reference, sparse_mla, sparse_mla_reference)
+from dsjax.kernels.indexer_topk import bitonic_sort, index_scores_reference, merge_sorted
+from dsjax.model.indexer import topk_selection_mask
+
+
+def _rng(seed):
+    return np.random.default_rng(seed)
+
+
+def _segments(batch, length, cuts):
+    """Packed documents: segment id increases at each cut (same cuts for every row)."""
+    seg = np.ones((batch, length), np.int32)
+    for c in cuts:
+        seg[:, c:] += 1
+    return jnp.asarray(seg)
+
+
+def _call(fn, *args, **kwargs):
+    """fn(*args, **kwargs) under jit (keyword arguments are baked in): eager dispatch of the
+    wrappers' small ops would dominate the test time."""
+    return jax.jit(functools.partial(fn, **kwargs))(*args)
+
+
+def _dense_mask(segment_ids, q_pos=None, kv_segment_ids=None):
+    """Causal + same-segment mask [B, T, S] (numpy)."""
+    segment_ids = np.asarray(segment_ids)
+    batch, length = segment_ids.shape
+    kv_seg = segment_ids if kv_segment_ids is None else np.asarray(kv_segment_ids)
+    q_pos = np.broadcast_to(np.arange(length), (batch, length)) if q_pos is None else np.asarray(q_pos)
+    k_pos = np.arange(kv_seg.shape[1])
+    return jnp.asarray((k_pos[None, None, :] <= q_pos[:, :, None]) & (kv_seg[:, None, :] == segment_ids[:, :, None]))
+
+
+def _naive_index_scores(q, k, w, mask, scale):
+    """I[t, s] = sum_h w ReLU(q.k scale) in float64 numpy, -inf where masked."""
+    q, k, w = (np.asarray(x, np.float64) for x in (q, k, w))
+    logits = np.maximum(np.einsum("bthd,bsd->bths", q, k) * scale, 0.0)
+    return np.where(np.asarray(mask), np.einsum("bths,bth->bts", logits, w), -np.inf)
+
+
+def _brute_topk(scores, k):
+    """Top-k per row by (score desc, index asc) with plain Python sorting; -1 for -inf slots."""
+    batch, length, keys = scores.shape
+    out = np.full((batch, length, k), -1, np.int64)
+    for b in range(batch):
+        for t in range(length):
+            order = sorted(range(keys), key=lambda s: (-scores[b, t, s], s))[:k]
+            picked = [s for s in order if scores[b, t, s] > -np.inf]
+            out[b, t, :len(picked)] = picked
+    return out
+
+
+def _integer_inputs(seed, batch, length, heads, dim, keys=None):
+    """Small-integer q, k and power-of-two weights: with dim a power of 4 (scale = dim^-0.5 exact)
+    the scores are exact in float32, and ties are frequent."""
+    rng = _rng(seed)
+    keys = length if keys is None else keys
+    q = rng.integers(-2, 3, (batch, length, heads, dim)).astype(np.float32)
+    k = rng.integers(-2, 3, (batch, keys, dim)).astype(np.float32)
+    w = (2.0 ** rng.integers(-2, 2, (batch, length, heads))) * rng.choice([1.0, 1.0, 1.0, -1.0], (batch, length, heads))
+    return jnp.asarray(q), jnp.asarray(k), jnp.asarray(w, jnp.float32)
+
+
+def _random_inputs(seed, batch, length, heads, dim):
+    rng = _rng(seed)
+    return (jnp.asarray(rng.standard_normal((batch, length, heads, dim)), jnp.float32),
+            jnp.asarray(rng.standard_normal((batch, length, dim)), jnp.float32),
+            jnp.asarray(rng.standard_normal((batch, length, heads)) * heads ** -0.5, jnp.float32))
+
+
+# ---------------------------------------------------------------------------------------------
+# Backend choice.
+# ---------------------------------------------------------------------------------------------
+
+
+def test_backend_resolution_on_cpu():
+    from jax.experimental.pallas import tpu as pltpu
+
+    assert jax.default_backend() == "cpu"
+    assert be.resolve("xla") == be.Backend("xla")
+    assert be.resolve("auto") == be.Backend("xla")
+    assert be.resolve("pallas") == be.Backend("gpu", True)
+    assert be.resolve("pallas_gpu") == be.Backend("gpu", True)
+    tpu = be.resolve("pallas_tpu")
+    assert tpu.kind == "tpu" and isinstance(tpu.interpret, pltpu.InterpretParams)
+    assert not be.resolve("pallas").compiled_for_gpu
+    with pytest.raises(ValueError):
+        be.resolve("triton")
+
+
+def test_bitonic_network_sorts_and_merges_with_index_tie_break():
+    rng = np.random.default_rng(0)
+    v = jnp.asarray(rng.integers(0, 4, (5, 64)).astype(np.float32))  # many ties
+    i = jnp.asarray(rng.permutation(64 * 5).reshape(5, 64).astype(np.int32))
+    sv, si = _call(bitonic_sort, v, i)
+    order = np.lexsort((np.asarray(i), -np.asarray(v)), axis=-1)
+    np.testing.assert_array_equal(si, np.take_along_axis(np.asarray(i), order, -1))
+    np.testing.assert_array_equal(sv, np.take_along_axis(np.asarray(v), order, -1))
+    v2, i2 = _call(bitonic_sort, v[:, ::-1] + 0.5, i + 1000)
+    mv, mi = _call(merge_sorted, sv, si, v2, i2)
+    all_v, all_i = np.concatenate([sv, v2], -1), np.concatenate([si, i2], -1)
+    order = np.lexsort((all_i, -all_v), axis=-1)[:, :64]
+    np.testing.assert_array_equal(mi, np.take_along_axis(all_i, order, -1))
+
+
+# ---------------------------------------------------------------------------------------------
+# Indexer top-k.
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+def test_indexer_topk_exact_ties_match_brute_force_and_model(impl):
+    """Integer inputs: exact scores, many ties (ReLU zeros, repeated keys); packed documents,
+    early queries with fewer than k keys (-1 slots), T not a multiple of the blocks, H = 3."""
+    batch, length, heads, dim, topk = 2, 75, 3, 16, 24
+    q, k, w = _integer_inputs(1, batch, length, heads, dim)
+    k = k.at[:, 40:50].set(k[:, 30:40])  # duplicated keys: equal scores at different indices
+    seg = _segments(batch, length, [29])
+    scale = dim ** -0.5
+    idx, vals = _call(indexer_topk, q, k, w, seg, topk=topk, return_scores=True, impl=impl, block_t=16, block_s=32)
+    mask = _dense_mask(seg)
+    naive = _naive_index_scores(q, k, w, mask, scale)
+    expected = _brute_topk(naive, topk)
+    np.testing.assert_array_equal(np.asarray(idx), expected)
+    picked = np.take_along_axis(naive, np.maximum(expected, 0), -1)
+    np.testing.assert_allclose(np.asarray(vals), np.where(expected >= 0, picked, -np.inf), rtol=1e-6)
+    # -1 slots: exactly K - (number of visible keys) for early queries of each document
+    visible = np.asarray(mask).sum(-1)
+    np.testing.assert_array_equal((np.asarray(idx) < 0).sum(-1), np.maximum(topk - visible, 0))
+    # the model's dense path selects the same set (ties included)
+    model_mask = jax.jit(lambda s, m: topk_selection_mask(s, topk, m))(jnp.asarray(naive, jnp.float32), mask)
+    np.testing.assert_array_equal(_selected_mask(expected, length), np.asarray(model_mask))
+
+
+def test_indexer_topk_pallas_matches_reference_random_long():
+    """Random floats at T = 2048 (the interpret-mode speed requirement), batch 2."""
+    batch, length, heads, dim, topk = 2, 2048, 2, 16, 64
+    q, k, w = _random_inputs(2, batch, length, heads, dim)
+    seg = _segments(batch, length, [700, 1500])
+    ref_idx, ref_val = _call(indexer_topk_reference, q, k, w, seg, topk=topk, return_scores=True)
+    idx, val = jax.jit(lambda *a: indexer_topk(*a, topk=topk, return_scores=True, impl="pallas", block_t=64,
+                                               block_s=256))(q, k, w, seg)
+    idx, val, ref_idx, ref_val = (np.asarray(x) for x in (idx, val, ref_idx, ref_val))
+    np.testing.assert_allclose(val, ref_val, rtol=1e-5, atol=1e-5)
+    assert (idx == ref_idx).mean() > 0.999
+    # where the order differs, the kernel's keys carry the same (reference) scores: near-ties only
+    scores = np.asarray(_call(index_scores_reference, q, k, w, seg))
+    got = np.take_along_axis(scores, np.maximum(idx, 0), -1)
+    np.testing.assert_allclose(np.where(idx >= 0, got, -np.inf), ref_val, rtol=1e-5, atol=1e-5)
+    distinct = np.sort(np.where(idx >= 0, idx, -1 - np.arange(topk)), -1)
+    assert (distinct[..., 1:] != distinct[..., :-1]).all()
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+def test_indexer_topk_decode_offset_and_kv_segments(impl):
+    """Three new queries at positions 40..42 against a 64-row cache (left-padded row 1)."""
+    batch, new, keys, heads, dim, topk = 2, 3, 64, 4, 16, 16
+    q, k, w = _integer_inputs(3, batch, new, heads, dim, keys=keys)
+    kv_seg = np.ones((batch, keys), np.int32)
+    kv_seg[1, :10] = 0  # padding in row 1
+    kv_seg = jnp.asarray(kv_seg)
+    seg = jnp.ones((batch, new), jnp.int32)
+    q_offset = jnp.array([40, 40])
+    idx = _call(indexer_topk, q, k, w, seg, topk=topk, kv_segment_ids=kv_seg, q_offset=q_offset, impl=impl,
+                       block_t=8, block_s=16)
+    q_pos = q_offset[:, None] + jnp.arange(new)[None]
+    naive = _naive_index_scores(q, k, w, _dense_mask(seg, q_pos, kv_seg), dim ** -0.5)
+    np.testing.assert_array_equal(np.asarray(idx), _brute_topk(naive, topk))
+
+
+def test_indexer_topk_k_larger_than_keys_and_tpu_style_interpret():
+    batch, length, heads, dim = 1, 12, 2, 16
+    q, k, w = _integer_inputs(4, batch, length, heads, dim)
+    naive = _naive_index_scores(q, k, w, _dense_mask(jnp.ones((batch, length), jnp.int32)), dim ** -0.5)
+    expected = _brute_topk(naive, length)
+    for impl in ["xla", "pallas", "pallas_tpu"]:
+        idx = _call(indexer_topk, q, k, w, topk=100, impl=impl, block_t=8, block_s=8)
+        assert idx.shape == (batch, length, length)
+        np.testing.assert_array_equal(np.asarray(idx), expected)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sparse MLA.
+# ---------------------------------------------------------------------------------------------
+
+
+def _sparse_case(seed, batch, length, heads, dv, rope, topk, holes=0.15):
+    """q, kv and causal random distinct indices with -1 slots: trailing (early queries) and
+    random holes; query 0 of row 0 gets no slot at all."""
+    rng = _rng(seed)
+    dk = dv + rope
+    q = rng.standard_normal((batch, length, heads, dk)).astype(np.float32)
+    kv = rng.standard_normal((batch, length, dk)).astype(np.float32)
+    causal = np.arange(length)[None, None, :] <= np.arange(length)[None, :, None]
+    order = np.argsort(np.where(causal, -rng.random((batch, length, length)), np.inf), axis=-1)[..., :topk]
+    idx = np.where(np.arange(topk)[None, None, :] <= np.arange(length)[None, :, None], order, -1)
+    idx = np.where(rng.random(idx.shape) < holes, -1, idx)
+    idx[0, 0] = -1
+    return jnp.asarray(q), jnp.asarray(kv), jnp.asarray(idx, jnp.int32)
+
+
+def _naive_sparse(q, kv, idx, scale, dv):
+    selected = jnp.asarray(_selected_mask(idx, kv.shape[1]))
+    s = jnp.einsum("bthd,bsd->bhts", q, kv) * scale
+    s = jnp.where(selected[:, None], s, -jnp.inf)
+    p = jnp.nan_to_num(jax.nn.softmax(s, -1))  # rows with no key: 0
+    out = jnp.einsum("bhts,bsd->bthd", p, kv[..., :dv])
+    return out, jax.nn.logsumexp(s, -1).transpose(0, 2, 1)
+
+
+def _value_and_grads(fn, q, kv, cot_out, cot_lse=None):
+    def loss(q, kv):
+        out, lse = fn(q, kv)
+        total = jnp.sum(out * cot_out)
+        if cot_lse is not None:
+            total += jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0) * cot_lse)
+        return total
+
+    return jax.jit(lambda q, kv: fn(q, kv) + (jax.grad(loss, argnums=(0, 1))(q, kv),))(q, kv)
+
+
+def test_sparse_mla_reference_matches_naive_dense():
+    batch, length, heads, dv, rope, topk = 2, 33, 3, 16, 8, 10
+    q, kv, idx = _sparse_case(5, batch, length, heads, dv, rope, topk)
+    scale = 0.2
+    cot = jnp.asarray(_rng(6).standard_normal((batch, length, heads, dv)), jnp.float32)
+    ref = _value_and_grads(lambda q, kv: sparse_mla_reference(q, kv, idx, scale=scale, dv=dv, query_chunk=8),
+                           q, kv, cot)
+    naive = _value_and_grads(lambda q, kv: _naive_sparse(q, kv, idx, scale, dv), q, kv, cot)
+    np.testing.assert_allclose(ref[0], naive[0], atol=2e-6)
+    np.testing.assert_array_equal(ref[0][0, 0], 0.0)
+    np.testing.assert_allclose(ref[1], naive[1], atol=2e-6)  # lse, -inf for the empty query
+    for g_ref, g_naive in zip(ref[2], naive[2]):
+        np.testing.assert_allclose(g_ref, g_naive, atol=5e-6)
+
+
+def _sparse_pallas_vs_reference(impl, seed, shape, blocks, **kw):
+    batch, length, heads, dv, rope, topk = shape
+    q, kv, idx = _sparse_case(seed, batch, length, heads, dv, rope, topk)
+    scale = 0.25
+    rng = _rng(seed + 1)
+    cot = jnp.asarray(rng.standard_normal((batch, length, heads, dv)), jnp.float32)
+    cot_lse = jnp.asarray(rng.standard_normal((batch, length, heads)), jnp.float32)
+    ref = _value_and_grads(lambda q, kv: sparse_mla(q, kv, idx, scale=scale, dv=dv, return_lse=True),
+                           q, kv, cot, cot_lse)
+    got = _value_and_grads(lambda q, kv: sparse_mla(q, kv, idx, scale=scale, dv=dv, impl=impl, return_lse=True,
+                                                    block_t=blocks[0], block_k=blocks[1], **kw), q, kv, cot, cot_lse)
+    np.testing.assert_allclose(got[0], ref[0], atol=2e-6)
+    np.testing.assert_allclose(got[1], ref[1], atol=2e-6)
+    for g_got, g_ref in zip(got[2], ref[2]):
+        np.testing.assert_allclose(g_got, g_ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(2, 45, 3, 16, 8, 20), (1, 9, 2, 8, 0, 4)], ids=["mla", "no-rope"])
+def test_sparse_mla_gpu_style_kernel_fwd_bwd(shape):
+    # T = 45 is not a multiple of block_t = 8; K = 20 not a multiple of block_k = 8; H = 3.
+    _sparse_pallas_vs_reference("pallas", 7, shape, (8, 8))
+
+
+def test_sparse_mla_tpu_style_kernel_fwd_bwd_interpret():
+    # pltpu.InterpretParams simulates every row DMA: tiny shapes. prefetch_limit forces two
+    # scalar-prefetch chunks (queries 0-3 and 4-7).
+    _sparse_pallas_vs_reference("pallas_tpu", 9, (1, 7, 2, 8, 8, 4), (2, 2), prefetch_limit=16)
+
+
+def test_sparse_mla_reference_is_memory_lean():
+    """Forward+backward of the reference never holds [T, K, Dk] gathered rows (nor [T, S])."""
+    batch, length, heads, dv, rope, topk = 1, 4096, 4, 64, 16, 256
+    dk = dv + rope
+    q = jax.ShapeDtypeStruct((batch, length, heads, dk), jnp.float32)
+    kv = jax.ShapeDtypeStruct((batch, length, dk), jnp.float32)
+    idx = jax.ShapeDtypeStruct((batch, length, topk), jnp.int32)
+    loss = lambda q, kv, idx: jnp.sum(sparse_mla(q, kv, idx, scale=0.1, dv=dv, query_chunk=256))
+    stats = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(q, kv, idx).compile().memory_analysis()
+    gathered = length * topk * dk * 4  # 335 MB
+    assert stats.temp_size_in_bytes < gathered / 4, stats.temp_size_in_bytes
+
+
+def test_sparse_mla_follows_indexer_like_the_dense_model_path():
+    """indexer_topk -> sparse_mla equals dense MQA-form attention under the model's
+    `topk_selection_mask` (packed documents, ties in the index scores)."""
+    batch, length, heads, dim, topk, dv, rope = 2, 40, 3, 16, 12, 16, 8
+    qi, ki, w = _integer_inputs(10, batch, length, 2, dim)
+    seg = _segments(batch, length, [17])
+    q, kv, _ = _sparse_case(11, batch, length, heads, dv, rope, 4)
+    scale = 0.3
+    idx = _call(indexer_topk, qi, ki, w, seg, topk=topk, impl="pallas", block_t=16, block_s=16)
+    out = _call(sparse_mla, q, kv, idx, scale=scale, dv=dv, impl="pallas", block_t=8, block_k=8)
+    scores = _call(index_scores_reference, qi, ki, w, seg)
+    selected = jax.jit(lambda s, m: topk_selection_mask(s, topk, m))(scores, _dense_mask(seg))
+    probs, _ = _np_head_probs(q, kv, selected, scale)
+    dense = np.einsum("bhts,bsd->bthd", probs, np.asarray(kv, np.float64)[..., :dv])
+    np.testing.assert_allclose(out, dense, atol=2e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention targets.
+# ---------------------------------------------------------------------------------------------
+
+
+def _np_head_probs(q, kv, mask, scale):
+    """Per-head masked softmax [B, H, T, S] (0 on rows with no key) and lse [B, T, H], float64."""
+    s = np.einsum("bthd,bsd->bhts", np.asarray(q, np.float64), np.asarray(kv, np.float64)) * scale
+    s = np.where(np.asarray(mask)[:, None], s, -np.inf)
+    peak = s.max(-1, keepdims=True)
+    e = np.exp(s - np.where(np.isfinite(peak), peak, 0.0))
+    total = e.sum(-1, keepdims=True)
+    with np.errstate(divide="ignore"):
+        lse = np.where(total > 0, peak + np.log(total), -np.inf)[..., 0].transpose(0, 2, 1)
+    return e / np.where(total > 0, total, 1.0), lse
+
+
+def _selected_mask(idx, keys):
+    idx = np.asarray(idx)
+    batch, length, _ = idx.shape
+    mask = np.zeros((batch, length, keys), bool)
+    b_i, t_i, j_i = np.nonzero(idx >= 0)
+    mask[b_i, t_i, idx[b_i, t_i, j_i]] = True
+    return mask
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas", "pallas_tpu"])
+def test_attention_target_dense_matches_naive(impl):
+    batch, length, heads, dk = 2, 45, 3, 24
+    rng = _rng(12)
+    q = jnp.asarray(rng.standard_normal((batch, length, heads, dk)), jnp.float32)
+    kv = jnp.asarray(rng.standard_normal((batch, length, dk)), jnp.float32)
+    seg = _segments(batch, length, [20])
+    scale = 0.3
+    probs, lse = _np_head_probs(q, kv, _dense_mask(seg), scale)
+    kw = dict(scale=scale, impl=impl, block_t=16, block_s=16)
+    p = _call(attention_target, q, kv, seg, **kw)
+    np.testing.assert_allclose(p, probs.mean(1), atol=1e-6)
+    np.testing.assert_allclose(p.sum(-1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(_call(attention_lse, q, kv, seg, **kw), lse, atol=2e-6)
+    grad = jax.jit(jax.grad(lambda q: jnp.sum(attention_target(q, kv, seg, **kw) ** 2)))(q)
+    np.testing.assert_array_equal(grad, 0.0)  # a target: stop_gradient
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+def test_attention_target_at_indices(impl):
+    batch, length, heads, dv, rope, topk = 2, 37, 3, 16, 8, 9
+    q, kv, idx = _sparse_case(13, batch, length, heads, dv, rope, topk)
+    scale = 0.3
+    idx_np = np.asarray(idx)
+    take = lambda full: np.where(idx_np >= 0, np.take_along_axis(full, np.maximum(idx_np, 0), -1), 0.0)
+    probs, lse = _np_head_probs(q, kv, _dense_mask(np.ones((batch, length), np.int32)), scale)
+    kw = dict(scale=scale, impl=impl, block_t=8, block_k=4)
+    # dense probabilities read at the selected keys
+    at = _call(attention_target_at, q, kv, idx, lse=jnp.asarray(lse, jnp.float32), normalize=False, **kw)
+    np.testing.assert_allclose(at, take(probs.mean(1)), atol=1e-6)
+    # default: the sparse attention's own head-averaged distribution over the slots
+    own = _call(attention_target_at, q, kv, idx, **kw)
+    sparse_probs, _ = _np_head_probs(q, kv, _selected_mask(idx, length), scale)
+    np.testing.assert_allclose(own, take(sparse_probs.mean(1)), atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(own)[idx_np < 0], 0.0)
+    np.testing.assert_allclose(np.asarray(own).sum(-1)[(idx_np >= 0).any(-1)], 1.0, atol=1e-5)
+    # ... whose normaliser is sparse_mla's log-sum-exp
+    _, sparse_lse = _call(sparse_mla, q, kv, idx, scale=scale, dv=dv, return_lse=True)
+    again = _call(attention_target_at, q, kv, idx, lse=sparse_lse, normalize=False, **kw)
+    np.testing.assert_allclose(again, own, atol=1e-6)
