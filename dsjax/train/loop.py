@@ -220,18 +220,7 @@ def model_config_from(config: Any) -> ml_collections.ConfigDict:
 # --------------------------------------------------------------------------
 
 
-def _names(path) -> tuple[str, ...]:
-  out = []
-  for key in path:
-    if isinstance(key, jax.tree_util.DictKey):
-      out.append(str(key.key))
-    elif isinstance(key, jax.tree_util.GetAttrKey):
-      out.append(key.name)
-    elif isinstance(key, jax.tree_util.SequenceKey):
-      out.append(str(key.idx))
-    else:
-      out.append(str(key))
-  return tuple(out)
+_names = optim._path_names  # one path-to-names helper for masks and bias lookup
 
 
 def router_bias_paths(params: Any) -> dict[str, tuple[str, ...]]:
