@@ -13,6 +13,7 @@ import numpy as np
 
 from dsjax.convert import layout
 from dsjax.convert.fp8 import E4M3, FP8_DTYPES, all_finite, has_nan_fp8
+from dsjax.hf.names import dict_paths
 from dsjax.convert.orbax_stream import OrbaxArrays, StreamedArray, checksum, save_arrays, save_streamed
 from dsjax.convert.progress import Progress
 from dsjax.convert.staging import staged_directory
@@ -209,7 +210,7 @@ def _verify(tmp, maps, streamed, scales, verify, stream) -> str:
                                         f"{arrays.shape(path)}, expected {array.dtype} {array.shape}")
     if scales:
         written = OrbaxArrays(os.path.join(tmp, layout.SCALES_ITEM))
-        expected = {p: v for p, v in _flatten(scales)}
+        expected = dict(dict_paths(scales))
         if set(written.leaves) != set(expected):
             raise CheckpointFormatError("verification failed: the fp8_scales item does not match the FP8 leaves")
         for path, value in expected.items():
@@ -230,11 +231,3 @@ def _verify(tmp, maps, streamed, scales, verify, stream) -> str:
             progress.update(1, data.nbytes)
     progress.done()
     return "full"
-
-
-def _flatten(tree, prefix=()):
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            yield from _flatten(value, prefix + (key,))
-        else:
-            yield prefix + (key,), value

@@ -128,10 +128,11 @@ class LeafMap:
         return np.ascontiguousarray(dsjax_slice.reshape(in_size, out_size).T)
 
 
-def _paths(tree, prefix=()):
+def dict_paths(tree, prefix=()):
+    """(path tuple, leaf) for every leaf of a nested dict."""
     for key, value in tree.items():
         if isinstance(value, dict):
-            yield from _paths(value, prefix + (key,))
+            yield from dict_paths(value, prefix + (key,))
         else:
             yield prefix + (key,), value
 
@@ -139,7 +140,7 @@ def _paths(tree, prefix=()):
 def leaf_maps(config) -> list[LeafMap]:
     """A LeafMap for every parameter of `config`, in a deterministic (layer-major) order."""
     maps = []
-    for path, leaf in _paths(abstract_params(config)):
+    for path, leaf in dict_paths(abstract_params(config)):
         shape = tuple(leaf.shape)
         group = path[0]
         if group in ("dense_layers", "moe_layers"):

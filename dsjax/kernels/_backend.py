@@ -109,6 +109,16 @@ def query_positions(q_offset, batch: int, length: int) -> jax.Array:
     return offset + jnp.arange(length, dtype=jnp.int32)[None, :]
 
 
+def visibility_inputs(segment_ids, kv_segment_ids, q_offset, batch: int, length: int, keys: int):
+    """(query segment ids, key segment ids, query positions) with the kernels' defaults filled in."""
+    segment_ids = default_segments(segment_ids, batch, length)
+    if kv_segment_ids is None:
+        if keys != length:
+            raise ValueError("kv_segment_ids is required when S != T")
+        kv_segment_ids = segment_ids
+    return segment_ids, kv_segment_ids.astype(jnp.int32), query_positions(q_offset, batch, length)
+
+
 def visibility(q_pos: jax.Array, q_seg: jax.Array, k_pos: jax.Array, k_seg: jax.Array) -> jax.Array:
     """Causal + same-segment mask from per-query and per-key positions/segments.
 

@@ -36,14 +36,7 @@ from dsjax.kernels.sparse_mla import _gather_block, _gather_rows, _used_chunks, 
 
 
 def _prepare(q, kv, segment_ids, kv_segment_ids, q_offset):
-    batch, length = q.shape[:2]
-    keys = kv.shape[1]
-    segment_ids = be.default_segments(segment_ids, batch, length)
-    if kv_segment_ids is None:
-        if keys != length:
-            raise ValueError("kv_segment_ids is required when S != T")
-        kv_segment_ids = segment_ids
-    return segment_ids, kv_segment_ids.astype(jnp.int32), be.query_positions(q_offset, batch, length)
+    return be.visibility_inputs(segment_ids, kv_segment_ids, q_offset, q.shape[0], q.shape[1], kv.shape[1])
 
 
 def _chunked(fn, arrays, fills, batch, length, chunk):

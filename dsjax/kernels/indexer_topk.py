@@ -40,13 +40,8 @@ _SENTINEL = jnp.iinfo(jnp.int32).max
 def _prepare(q, k, w, segment_ids, kv_segment_ids, q_offset, topk, scale):
     batch, length, _, dim = q.shape
     keys = k.shape[1]
-    segment_ids = be.default_segments(segment_ids, batch, length)
-    if kv_segment_ids is None:
-        if keys != length:
-            raise ValueError("kv_segment_ids is required when S != T")
-        kv_segment_ids = segment_ids
-    kv_segment_ids = kv_segment_ids.astype(jnp.int32)
-    q_pos = be.query_positions(q_offset, batch, length)
+    segment_ids, kv_segment_ids, q_pos = be.visibility_inputs(segment_ids, kv_segment_ids, q_offset, batch, length,
+                                                              keys)
     scale = dim ** -0.5 if scale is None else float(scale)
     return segment_ids, kv_segment_ids, q_pos, min(int(topk), keys), scale
 
