@@ -1,5 +1,9 @@
-"""Quickstart: a tiny V3-family model (MLA + DeepSeekMoE + one MTP module) learning the Python
-standard library's source, byte by byte, on CPU in about three minutes.
+"""Quickstart: a tiny V3.2-family model (MLA with DeepSeek Sparse Attention, DeepSeekMoE, one MTP
+module) learning the Python standard library's source, byte by byte, on CPU in a few minutes.
+
+Each query attends to only the 16 keys its lightning indexer picks (of up to 128). The model
+learns from the LM loss; the indexer, its input detached, learns from its own loss: the KL from
+the main attention's distribution over the picked keys (the DSA sparse stage, `dsa.stage`).
 
     python -m experiments.train --config configs/quickstart.py --workdir /tmp/quickstart
 """
@@ -9,21 +13,8 @@ from configs import base
 
 def get_config():
     config = base.get_config()
-    config.model = base.model(
-        "tiny_v3",
-        hidden_size=96,
-        num_layers=3,  # one dense layer, two MoE layers
-        num_heads=4,
-        q_lora_rank=48,
-        kv_lora_rank=32,
-        qk_nope_head_dim=16,
-        qk_rope_head_dim=8,
-        v_head_dim=16,
-        dense_intermediate_size=192,
-        moe_intermediate_size=48,
-        num_mtp_layers=1,
-        max_position_embeddings=512,
-    )
+    config.model = base.model("tiny_v32", **base.TINY_DIMS, **base.TINY_INDEXER)
+    config.dsa.stage = "sparse"
     config.seq_len = 128
     config.batch_size = 8
     config.num_steps = 400

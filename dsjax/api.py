@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -16,16 +17,22 @@ from dsjax.hf.config import from_hf, read_hf_config
 from dsjax.hf.names import leaf_maps
 from dsjax.hf.safetensors_io import CheckpointReader
 from dsjax.model.transformer import ModelOutput, forward, frozen
+from dsjax.sharding import batch_shards, batch_sharding, make_mesh, mesh_sizes_from_config, place, replicated
 
 log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
 class LanguageModel:
-    """A config and its parameter pytree, callable on token ids."""
+    """A config and its parameter pytree, callable on token ids.
+
+    With a `mesh` (a `jax.sharding.Mesh` the params are sharded on, see `dsjax.sharding`), forward
+    and generate run under it: inputs are split over the batch axes when the batch divides, and MoE
+    layers use expert parallelism over the `expert` axis."""
 
     config: Any  # ml_collections.ConfigDict
     params: dict
+    mesh: Any = None
 
     def __post_init__(self):
         static = frozen(self.config)
@@ -42,13 +49,25 @@ class LanguageModel:
         if tokens.size and (tokens.min() < 0 or tokens.max() >= self.config.vocab_size):
             raise ValueError(f"input_ids must lie in [0, vocab_size={self.config.vocab_size}), "
                              f"got values in [{tokens.min()}, {tokens.max()}]")
-        return jnp.asarray(tokens, jnp.int32)
+        return self._place(tokens)
+
+    def _place(self, x):
+        """int32 inputs [B, ...] on the devices: on the mesh, rows split over the batch axes."""
+        x = np.asarray(x, np.int32)
+        if self.mesh is None:
+            return jnp.asarray(x)
+        splits = x.ndim and x.shape[0] % batch_shards(self.mesh) == 0
+        return place(x, batch_sharding(self.mesh, x.ndim) if splits else replicated(self.mesh))
+
+    def _on_mesh(self):
+        return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
 
     def forward(self, input_ids, *, segment_ids=None, positions=None, forced_routing=None) -> ModelOutput:
         """All outputs: logits, MTP logits, routing statistics, last hidden state."""
         tokens = self._check_tokens(input_ids)
-        as_int = lambda x: None if x is None else jnp.asarray(x, jnp.int32)  # noqa: E731
-        return self._forward(self.params, tokens, as_int(segment_ids), as_int(positions), forced_routing)
+        as_int = lambda x: None if x is None else self._place(x)  # noqa: E731
+        with self._on_mesh():
+            return self._forward(self.params, tokens, as_int(segment_ids), as_int(positions), forced_routing)
 
     def __call__(self, input_ids, *, segment_ids=None, positions=None) -> jax.Array:
         """int [B, T] -> float32 logits [B, T, vocab]."""
@@ -75,12 +94,13 @@ class LanguageModel:
             if lengths.shape != (tokens.shape[0],) or lengths.min() < 1 or lengths.max() > tokens.shape[1]:
                 raise ValueError(f"prompt_lengths must give one length in [1, {tokens.shape[1]}] per row, "
                                  f"got {prompt_lengths!r}")
-        return generate(self.params, self.config, tokens, prompt_lengths, max_new_tokens=max_new_tokens,
-                        temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop_tokens=stop_tokens,
-                        pad_token=pad_token, callback=callback, return_logits=return_logits)
+        with self._on_mesh():
+            return generate(self.params, self.config, tokens, prompt_lengths, max_new_tokens=max_new_tokens,
+                            temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop_tokens=stop_tokens,
+                            pad_token=pad_token, callback=callback, return_logits=return_logits)
 
 
-def load(path: str, **overrides) -> LanguageModel:
+def load(path: str, mesh=None, **overrides) -> LanguageModel:
     """Load a checkpoint directory. `path` may be
 
     - an HF checkpoint (config.json + *.safetensors, official DeepSeek names; bf16/fp32, or FP8 with
@@ -91,16 +111,25 @@ def load(path: str, **overrides) -> LanguageModel:
       (the latest complete step unless a step dir is given; the model config comes from the run
       config saved with the checkpoint).
 
+    `mesh`: load straight onto a device mesh: a `jax.sharding.Mesh`, or axis sizes / a preset name as
+    in a training config's `mesh` (e.g. `{"expert": 4, "data": 2}`, "fsdp"; `data` takes the devices
+    no axis claims). Each parameter is put into its shards (`dsjax.sharding.param_shardings`) as it
+    is read, so no device ever holds the whole model; the model then runs under the mesh.
+
     `overrides` set model config fields, e.g. `dtype="bfloat16"` or `attention_impl="xla"`;
     `param_dtype` also casts the loaded parameters."""
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: no such checkpoint directory")
     from dsjax.convert import layout  # noqa: PLC0415 (orbax is imported only when needed)
 
+    if mesh is not None and not isinstance(mesh, jax.sharding.Mesh):
+        mesh = make_mesh(mesh_sizes_from_config(mesh))
+    on_device = (lambda params: params) if mesh is not None else (
+        lambda params: jax.tree_util.tree_map(jnp.asarray, params))
     kind = layout.checkpoint_kind(path)
     if kind != "hf":
-        config, params = layout.load_orbax_params(path, **overrides)
-        return LanguageModel(config, jax.tree_util.tree_map(jnp.asarray, params))
+        config, params = layout.load_orbax_params(path, mesh=mesh, **overrides)
+        return LanguageModel(config, on_device(params), mesh)
     hf_config = read_hf_config(path)
     config_path = os.path.join(path, "config.json")
     config = from_hf(hf_config, source=config_path, **overrides)
@@ -110,5 +139,5 @@ def load(path: str, **overrides) -> LanguageModel:
     maps = leaf_maps(config)
     check_names(reader, config, maps)
     check_tensors(reader, maps, fp8, config_path)
-    params = load_params(reader, config, fp8=fp8)
-    return LanguageModel(config, jax.tree_util.tree_map(jnp.asarray, params))
+    params = load_params(reader, config, fp8=fp8, mesh=mesh)
+    return LanguageModel(config, on_device(params), mesh)

@@ -23,7 +23,7 @@ from jax.sharding import PartitionSpec
 
 from dsjax.model.config import make_config
 from dsjax.model.transformer import abstract_params, logical_axes
-from dsjax.sharding import BATCH_AXES, RULES, resolve_mesh_shape
+from dsjax.sharding import BATCH_AXES, MESH_PRESETS, RULES, mesh_sizes_from_config, resolve_mesh_shape
 
 GB = 1024 ** 3
 
@@ -106,6 +106,8 @@ def _load_experiment(path: str):
 
 
 def _parse_mesh(text: str) -> dict[str, int]:
+    if text.strip() in MESH_PRESETS:
+        return dict(MESH_PRESETS[text.strip()])
     try:
         return {k.strip(): int(v) for k, v in (item.split("=") for item in text.split(",") if item.strip())}
     except ValueError:
@@ -116,7 +118,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="an experiment config file (configs/NAME.py)")
     parser.add_argument("--model", help="a model preset (instead of --config)")
-    parser.add_argument("--mesh", default="fsdp=-1", help="axis sizes, e.g. fsdp=32,expert=8 (-1: the rest)")
+    parser.add_argument("--mesh", help="axis sizes, e.g. fsdp=32,expert=8 (-1: the rest), or a preset name; "
+                        "default: the --config's mesh section if it sets one, else fsdp=-1")
     parser.add_argument("--devices", type=int, required=True)
     parser.add_argument("--hbm_gb", type=float, required=True, help="memory per device, GB")
     parser.add_argument("--batch_size", type=int, help="global batch (default: the config's)")
@@ -129,6 +132,7 @@ def main(argv=None):
     if bool(args.config) == bool(args.model):
         parser.error("give exactly one of --config and --model")
     batch_size, seq_len = args.batch_size, args.seq_len
+    mesh = _parse_mesh(args.mesh) if args.mesh else {"fsdp": -1}
     if args.config:
         experiment = _load_experiment(args.config)
         model = experiment.model
@@ -136,13 +140,15 @@ def main(argv=None):
         config = make_config(model if isinstance(model, str) else model.to_dict(), **overrides)
         batch_size = batch_size or experiment.batch_size
         seq_len = seq_len or experiment.seq_len
+        if not args.mesh and experiment.get("mesh") and mesh_sizes_from_config(experiment.mesh) != {"data": -1}:
+            mesh = mesh_sizes_from_config(experiment.mesh)  # what the training run would use
     else:
         config = make_config(args.model)
     if not batch_size or not seq_len:
         parser.error("--batch_size and --seq_len are needed with --model")
     config = make_config(config, dtype=args.dtype)
     try:
-        sizes = resolve_mesh_shape(_parse_mesh(args.mesh), args.devices)
+        sizes = resolve_mesh_shape(mesh, args.devices)
     except ValueError as e:
         raise SystemExit(f"--mesh: {e}") from None
     print(format_plan(plan(config, sizes, batch_size=batch_size, seq_len=seq_len, hbm_gb=args.hbm_gb,

@@ -10,6 +10,11 @@ serves every layout; the presets only choose sizes:
     "expert_tensor": {"expert": -1, "tensor": 2}
 
 -1 means "the remaining devices". A dimension that an axis size does not divide stays replicated.
+
+Training (`dsjax.train.loop`) builds its mesh from the config's `mesh` section with
+`mesh_sizes_from_config` (there `data` takes whatever devices no axis claims), creates params and
+optimizer state directly in their shards (`init_sharded_params`, `state_shardings`) and assembles
+each global batch from the rows of every process (`place_batch`).
 """
 
 from __future__ import annotations
@@ -84,6 +89,39 @@ def resolve_mesh_shape(mesh_config: Mapping[str, int] | str | None, num_devices:
     return sizes
 
 
+def mesh_sizes_from_config(mesh_config: Mapping[str, int | None] | str | None) -> dict[str, int]:
+    """The axis sizes a training config's `mesh` section asks for (input of `make_mesh`).
+
+    `mesh_config` is a preset name, or a mapping of axis sizes in which None means "not set"; the
+    key `preset` (a preset name, "" for none) gives sizes that the other keys then override. Unset
+    axes have size 1, except that `data` takes the remaining devices when no axis is -1; so `{}`
+    is pure data parallelism over every device and `{"expert": 4}` is data x 4-way experts.
+    """
+    if mesh_config is None or isinstance(mesh_config, str):
+        mesh_config = {"preset": mesh_config or ""}
+    if hasattr(mesh_config, "to_dict"):
+        mesh_config = mesh_config.to_dict()
+    given = dict(mesh_config)
+    preset = given.pop("preset", "") or ""
+    if preset and preset not in MESH_PRESETS:
+        raise ValueError(f"unknown mesh preset {preset!r}; presets: {', '.join(MESH_PRESETS)}")
+    sizes = dict(MESH_PRESETS[preset]) if preset else {}
+    unknown = sorted(set(given) - set(MESH_AXES))
+    if unknown:
+        raise ValueError(f"mesh axes {unknown} are not among {MESH_AXES} (or 'preset')")
+    for axis, size in given.items():
+        if size is None:
+            continue
+        if isinstance(size, bool) or int(size) != size or (size < 1 and size != -1):
+            raise ValueError(f"mesh.{axis}={size!r} must be a positive integer or -1 (the remaining devices)")
+        if size == -1:
+            sizes = {a: s for a, s in sizes.items() if s != -1}  # at most one -1: the explicit one
+        sizes[axis] = int(size)
+    if -1 not in sizes.values() and "data" not in sizes:
+        sizes["data"] = -1
+    return sizes
+
+
 def make_mesh(mesh_config=None, devices=None) -> Mesh:
     """A mesh with the four named axes (Auto axis types: XLA propagates shardings)."""
     devices = list(devices if devices is not None else jax.devices())
@@ -133,6 +171,109 @@ def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
     """Inputs [batch, ...]: the batch split over the data-parallel axes."""
     axes = tuple(a for a in BATCH_AXES if mesh.shape[a] > 1)
     return NamedSharding(mesh, PartitionSpec(axes or None, *([None] * (ndim - 1))))
+
+
+def batch_shards(mesh: Mesh) -> int:
+    """Into how many parts the batch dimension is split (product of the batch axes)."""
+    return math.prod(mesh.shape[a] for a in BATCH_AXES)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def _dict_path(path) -> tuple[str, ...] | None:
+    names = []
+    for key in path:
+        if not isinstance(key, jax.tree_util.DictKey):
+            return None
+        names.append(str(key.key))
+    return tuple(names)
+
+
+def shardings_for(abstract_params, config, mesh: Mesh, rules=None):
+    """Shardings for a params pytree that may differ from `config`'s model: leaves of the model (same
+    path and shape) get `param_shardings`, any other leaf is replicated."""
+    from dsjax.model.transformer import abstract_params as model_params
+
+    known = {}
+    model_shardings = param_shardings(config, mesh, rules)
+    for (path, leaf), sharding in zip(jax.tree_util.tree_flatten_with_path(model_params(config))[0],
+                                      jax.tree_util.tree_leaves(model_shardings)):
+        known[_dict_path(path)] = (tuple(leaf.shape), sharding)
+
+    def pick(path, leaf):
+        shape, sharding = known.get(_dict_path(path), (None, None))
+        return sharding if shape == tuple(leaf.shape) else replicated(mesh)
+
+    return jax.tree_util.tree_map_with_path(pick, abstract_params)
+
+
+def state_shardings(abstract_state, params_shardings, mesh: Mesh):
+    """Shardings for a pytree holding params-shaped subtrees (optimizer state: Adam moments, ...).
+
+    A leaf whose path ends in a parameter's path (dict keys) and has that parameter's shape gets the
+    parameter's sharding; everything else (step counters, scalars) is replicated.
+    """
+    by_path = {_dict_path(path): sharding
+               for path, sharding in jax.tree_util.tree_flatten_with_path(params_shardings)[0]}
+
+    def pick(path, leaf):
+        shape = tuple(getattr(leaf, "shape", ()))
+        tail = 0  # the trailing run of dict keys
+        while tail < len(path) and isinstance(path[len(path) - 1 - tail], jax.tree_util.DictKey):
+            tail += 1
+        for start in range(len(path) - tail, len(path)):
+            sharding = by_path.get(_dict_path(path[start:]))
+            if sharding is not None and _fits(sharding, shape):
+                return sharding
+        return replicated(mesh)
+
+    return jax.tree_util.tree_map_with_path(pick, abstract_state)
+
+
+def _fits(sharding: NamedSharding, shape: tuple[int, ...]) -> bool:
+    spec = tuple(sharding.spec)
+    if len(spec) > len(shape):
+        return False
+    for axes, dim in zip(spec, shape):
+        axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        if dim % math.prod(sharding.mesh.shape[a] for a in axes):
+            return False
+    return True
+
+
+def place(value, sharding: NamedSharding) -> jax.Array:
+    """A host array (the same on every process) as a global array: each device receives only its
+    slice, so a large leaf never lands whole on one device (works across processes)."""
+    if isinstance(value, jax.Array):
+        return jax.device_put(value, sharding)  # device_put reshards a global array as needed
+    value = np.asarray(value)
+    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+
+def leaf_placer(config, mesh: Mesh | None):
+    """`(path, host array) -> array` putting each parameter into its shards on `mesh` as it is read
+    (`param_shardings`; unknown paths replicated). Without a mesh, arrays are returned as they are."""
+    if mesh is None:
+        return lambda path, value: value
+    by_path = {_dict_path(path): sharding
+               for path, sharding in jax.tree_util.tree_flatten_with_path(param_shardings(config, mesh))[0]}
+    return lambda path, value: place(value, by_path.get(tuple(path)) or replicated(mesh))
+
+
+def place_batch(batch, mesh: Mesh):
+    """A global batch from this process's rows: `[rows, ...]` leaves become `[rows x processes, ...]`
+    arrays split over the batch axes (`jax.make_array_from_process_local_data`). Leaves that already
+    are global arrays are only resharded."""
+    def one(leaf):
+        ndim = np.ndim(leaf)
+        sharding = batch_sharding(mesh, ndim) if ndim else replicated(mesh)
+        if isinstance(leaf, jax.Array) and (not leaf.is_fully_addressable or jax.process_count() == 1):
+            return jax.device_put(leaf, sharding)
+        return jax.make_array_from_process_local_data(sharding, np.asarray(leaf))
+
+    return jax.tree.map(one, batch)
 
 
 def active_mesh():

@@ -28,9 +28,10 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, met
 
 def run(config, workdir: str):
     """Train with a ConfigDict (what `main` does after parsing the flags)."""
-    from dsjax.train.loop import train  # imported late: flag parsing stays fast
+    from dsjax.train.dsa import train_stage  # imported late: flag parsing stays fast
 
-    return train(config, workdir)
+    # Every recipe runs the shared loop; DSA stages may run a dense pre-training phase first.
+    return train_stage(config, workdir)
 
 
 def main(argv):

@@ -14,7 +14,6 @@ from dsjax.kernels import _backend as be
 from dsjax.kernels import (attention_lse, attention_target, attention_target_at, indexer_topk,
                            indexer_topk_reference, sparse_mla, sparse_mla_reference)
 from dsjax.kernels.indexer_topk import bitonic_sort, index_scores_reference, merge_sorted
-from dsjax.model.indexer import topk_selection_mask
 
 
 def _rng(seed):
@@ -122,8 +121,8 @@ def test_bitonic_network_sorts_and_merges_with_index_tie_break():
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("impl", ["xla", "pallas"])
-def test_indexer_topk_exact_ties_match_brute_force_and_model(impl):
+@pytest.mark.parametrize("impl", ["xla", "xla_chunked", "pallas"])
+def test_indexer_topk_exact_ties_match_brute_force(impl):
     """Integer inputs: exact scores, many ties (ReLU zeros, repeated keys); packed documents,
     early queries with fewer than k keys (-1 slots), T not a multiple of the blocks, H = 3."""
     batch, length, heads, dim, topk = 2, 75, 3, 16, 24
@@ -131,7 +130,11 @@ def test_indexer_topk_exact_ties_match_brute_force_and_model(impl):
     k = k.at[:, 40:50].set(k[:, 30:40])  # duplicated keys: equal scores at different indices
     seg = _segments(batch, length, [29])
     scale = dim ** -0.5
-    idx, vals = _call(indexer_topk, q, k, w, seg, topk=topk, return_scores=True, impl=impl, block_t=16, block_s=32)
+    if impl == "xla_chunked":  # the reference, 16 queries at a time (75 is not a multiple of 16)
+        idx, vals = _call(indexer_topk_reference, q, k, w, seg, topk=topk, return_scores=True, query_chunk=16)
+    else:
+        idx, vals = _call(indexer_topk, q, k, w, seg, topk=topk, return_scores=True, impl=impl, block_t=16,
+                          block_s=32)
     mask = _dense_mask(seg)
     naive = _naive_index_scores(q, k, w, mask, scale)
     expected = _brute_topk(naive, topk)
@@ -141,9 +144,18 @@ def test_indexer_topk_exact_ties_match_brute_force_and_model(impl):
     # -1 slots: exactly K - (number of visible keys) for early queries of each document
     visible = np.asarray(mask).sum(-1)
     np.testing.assert_array_equal((np.asarray(idx) < 0).sum(-1), np.maximum(topk - visible, 0))
-    # the model's dense path selects the same set (ties included)
-    model_mask = jax.jit(lambda s, m: topk_selection_mask(s, topk, m))(jnp.asarray(naive, jnp.float32), mask)
-    np.testing.assert_array_equal(_selected_mask(expected, length), np.asarray(model_mask))
+
+
+def test_indexer_topk_reference_is_memory_lean():
+    """The reference keeps each query chunk's top-k only: no [T, S] scores (the model's default path)."""
+    batch, length, heads, dim, topk = 1, 16384, 4, 32, 256
+    q = jax.ShapeDtypeStruct((batch, length, heads, dim), jnp.float32)
+    k = jax.ShapeDtypeStruct((batch, length, dim), jnp.float32)
+    w = jax.ShapeDtypeStruct((batch, length, heads), jnp.float32)
+    top = jax.jit(lambda q, k, w: indexer_topk_reference(q, k, w, topk=topk))
+    stats = top.lower(q, k, w).compile().memory_analysis()
+    dense = batch * length * length * 4  # 1 GiB of float32 scores
+    assert stats.temp_size_in_bytes < dense / 4, stats.temp_size_in_bytes
 
 
 def test_indexer_topk_pallas_matches_reference_random_long():
@@ -290,9 +302,9 @@ def test_sparse_mla_reference_is_memory_lean():
     assert stats.temp_size_in_bytes < gathered / 4, stats.temp_size_in_bytes
 
 
-def test_sparse_mla_follows_indexer_like_the_dense_model_path():
-    """indexer_topk -> sparse_mla equals dense MQA-form attention under the model's
-    `topk_selection_mask` (packed documents, ties in the index scores)."""
+def test_sparse_mla_follows_indexer_like_dense_topk_masked_attention():
+    """indexer_topk -> sparse_mla equals dense MQA-form attention under a [T, S] top-k mask built
+    with `jax.lax.top_k` (packed documents, ties in the index scores)."""
     batch, length, heads, dim, topk, dv, rope = 2, 40, 3, 16, 12, 16, 8
     qi, ki, w = _integer_inputs(10, batch, length, 2, dim)
     seg = _segments(batch, length, [17])
@@ -301,7 +313,8 @@ def test_sparse_mla_follows_indexer_like_the_dense_model_path():
     idx = _call(indexer_topk, qi, ki, w, seg, topk=topk, impl="pallas", block_t=16, block_s=16)
     out = _call(sparse_mla, q, kv, idx, scale=scale, dv=dv, impl="pallas", block_t=8, block_k=8)
     scores = _call(index_scores_reference, qi, ki, w, seg)
-    selected = jax.jit(lambda s, m: topk_selection_mask(s, topk, m))(scores, _dense_mask(seg))
+    _, top = jax.jit(lambda s: jax.lax.top_k(s, topk))(scores)
+    selected = _selected_mask(top, length) & np.asarray(_dense_mask(seg))  # -inf picks are dropped
     probs, _ = _np_head_probs(q, kv, selected, scale)
     dense = np.einsum("bhts,bsd->bthd", probs, np.asarray(kv, np.float64)[..., :dv])
     np.testing.assert_allclose(out, dense, atol=2e-6)

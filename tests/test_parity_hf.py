@@ -39,6 +39,8 @@ def test_v3_matches_hf(tmp_path, q_lora_rank):
 
 
 def test_v32_matches_hf_with_sparse_attention(tmp_path):
+    """Both DSA kernel implementations: batch 2, T = 23 (not a multiple of any kernel block), the
+    first index_topk - 1 queries see fewer than k keys."""
     config = dsjax.make_config("tiny_v32", index_num_heads=8)
     reference = HFReference(config, str(tmp_path), seed=3)
     tokens = _tokens(config, 2, 23, seed=5)
@@ -48,14 +50,19 @@ def test_v32_matches_hf_with_sparse_attention(tmp_path):
     assert topk_boundary_ties(reference.index_scores(tokens), config.index_topk) == 0
     lm = dsjax.load(str(tmp_path))
     got = _check(reference, lm, tokens)
+    pallas = _check(reference, dsjax.load(str(tmp_path), attention_impl="pallas"), tokens)
+    np.testing.assert_allclose(np.asarray(pallas.logits), np.asarray(got.logits), rtol=0,
+                               atol=1e-5 * float(np.abs(np.asarray(got.logits)).max()))
     # The sparse path is really taken: attending to every key gives other logits.
     dense = dsjax.load(str(tmp_path), index_topk=tokens.shape[1])
     assert np.abs(np.asarray(dense(tokens)) - np.asarray(got.logits)).max() > 100 * _tolerance(np.asarray(got.logits))
 
 
 def test_index_scores_match_hf(tmp_path):
-    """The indexer itself, layer by layer, before any top-k."""
+    """The indexer itself, layer by layer, before any top-k. The model never forms the [T, T]
+    scores: the test captures each indexer's (q_I, k_I, w) and scores them here."""
     import jax.numpy as jnp
+    from dsjax.model.indexer import LightningIndexer
     from dsjax.model.transformer import build
 
     config = dsjax.make_config("tiny_v32", index_num_heads=4)
@@ -67,10 +74,16 @@ def test_index_scores_match_hf(tmp_path):
     for layer in reference.model.model.layers:
         layer.self_attn.indexer.index_topk = 17
     want = reference.index_scores(tokens)
-    _, state = build(lm.config).apply({"params": lm.params}, jnp.asarray(tokens), mutable=["intermediates"])
+    _, state = build(lm.config).apply({"params": lm.params}, jnp.asarray(tokens), mutable=["intermediates"],
+                                      capture_intermediates=lambda module, _: isinstance(module, LightningIndexer))
     stacks = state["intermediates"]
-    got = [np.asarray(s) for name in ("dense_layers", "moe_layers")
-           for s in stacks[name]["attention"]["indexer"]["index_scores"][0]]
+    causal = np.tril(np.ones((tokens.shape[1],) * 2, bool))
+    got = []
+    for name in ("dense_layers", "moe_layers"):
+        parts = stacks[name]["attention"]["indexer"]["__call__"][0]  # (q_I, k_I, w), a leading layers axis
+        queries, keys, weights = (np.asarray(a, np.float64) for a in parts)
+        logits = np.maximum(np.einsum("lbthd,lbsd->lbths", queries, keys) * config.index_head_dim ** -0.5, 0.0)
+        got += list(np.where(causal, np.einsum("lbths,lbth->lbts", logits, weights), -np.inf))
     assert len(got) == len(want) == config.num_layers
     for g, w in zip(got, want):
         visible = w > np.finfo(np.float32).min / 2
@@ -79,17 +92,21 @@ def test_index_scores_match_hf(tmp_path):
 
 
 def test_packed_documents_match_separate_hf_runs(tmp_path):
-    """Two documents packed in one row give each document's own HF logits: no attention across them."""
+    """Two documents packed in one row give each document's own HF logits: no attention across them
+    (each document's early queries see fewer than k keys; padding at the end). Both DSA kernel
+    implementations."""
     config = dsjax.make_config("tiny_v32", index_num_heads=8, num_mtp_layers=0)
     reference = HFReference(config, str(tmp_path), seed=4)
-    lm = dsjax.load(str(tmp_path))
     first, second = _tokens(config, 1, 9, seed=8), _tokens(config, 1, 12, seed=9)
     packed = np.concatenate([first, second, np.zeros((1, 3), int)], axis=1)  # + 3 padding tokens
     segment_ids = np.array([[1] * 9 + [2] * 12 + [0] * 3])
-    logits = np.asarray(lm(packed, segment_ids=segment_ids))
-    for doc, span in ((first, slice(0, 9)), (second, slice(9, 21))):
-        want, _ = reference.logits(doc)
-        np.testing.assert_allclose(logits[:, span], want, rtol=0, atol=_tolerance(want))
+    for doc in (first, second):
+        assert topk_boundary_ties(reference.index_scores(doc), config.index_topk) == 0
+    wants = [reference.logits(doc)[0] for doc in (first, second)]
+    for attention_impl in ("xla", "pallas"):
+        logits = np.asarray(dsjax.load(str(tmp_path), attention_impl=attention_impl)(packed, segment_ids=segment_ids))
+        for want, span in zip(wants, (slice(0, 9), slice(9, 21))):
+            np.testing.assert_allclose(logits[:, span], want, rtol=0, atol=_tolerance(want), err_msg=attention_impl)
 
 
 def test_bfloat16_compute_is_close_to_float32(tmp_path):

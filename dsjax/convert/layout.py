@@ -35,6 +35,7 @@ import numpy as np
 from dsjax.hf.checkpoint import CheckpointFormatError
 from dsjax.hf.names import leaf_maps
 from dsjax.model.config import make_config
+from dsjax.sharding import leaf_placer
 
 PARAMS_ITEM = "params"
 SCALES_ITEM = "fp8_scales"
@@ -247,12 +248,13 @@ def _get(tree: dict, path):
     return tree
 
 
-def load_orbax_params(path: str, **overrides):
+def load_orbax_params(path: str, mesh=None, **overrides):
     """(model config, params as numpy) of a converted checkpoint or a training checkpoint.
 
     The params item is restored with standard Orbax (`StandardCheckpointer`, or
     `dsjax.train.checkpoint.restore_params` for training runs); FP8 kernels are dequantised with
-    their scales; leaves are cast to the config's `param_dtype` (router biases stay float32)."""
+    their scales; leaves are cast to the config's `param_dtype` (router biases stay float32).
+    `mesh`: place each finished leaf onto this mesh (`dsjax.sharding.param_shardings`)."""
     import orbax.checkpoint as ocp  # noqa: PLC0415
     from etils import epath  # noqa: PLC0415
 
@@ -261,6 +263,7 @@ def load_orbax_params(path: str, **overrides):
 
     source = ParamsSource(path, **overrides)
     config = source.config
+    place = leaf_placer(config, mesh)
     if source.kind == "orbax":
         with ocp.StandardCheckpointer() as checkpointer:
             restored = checkpointer.restore(epath.Path(source.path) / PARAMS_ITEM)
@@ -276,5 +279,6 @@ def load_orbax_params(path: str, **overrides):
         value = np.asarray(_get(restored, leaf.path))
         if source.is_fp8(leaf.path):
             value = dequantize_leaf(leaf, value, np.asarray(_get(scales, leaf.path)), source.fp8_block)
-        _set(params, leaf.path, value.astype(leaf_dtype(leaf.path, config.param_dtype), copy=False))
+        value = value.astype(leaf_dtype(leaf.path, config.param_dtype), copy=False)
+        _set(params, leaf.path, place(leaf.path, value))
     return config, params

@@ -12,6 +12,7 @@ import numpy as np
 
 from dsjax.hf.names import leaf_maps, mtp_shared_copy_names
 from dsjax.hf.safetensors_io import CheckpointFormatError, CheckpointReader
+from dsjax.sharding import leaf_placer
 
 log = logging.getLogger(__name__)
 
@@ -241,13 +242,16 @@ def check_names(reader: CheckpointReader, config, maps=None) -> None:
             + " — not part of the model that config.json describes")
 
 
-def load_params(reader: CheckpointReader, config, dtype=None, fp8: FP8Format | None = None) -> dict:
+def load_params(reader: CheckpointReader, config, dtype=None, fp8: FP8Format | None = None, mesh=None) -> dict:
     """All parameters of `config` from an HF checkpoint, as numpy arrays in a nested dict.
 
-    `fp8`: the checkpoint's FP8 format (`fp8_format(config.json)`); its block size dequantises."""
+    `fp8`: the checkpoint's FP8 format (`fp8_format(config.json)`); its block size dequantises.
+    `mesh`: place each leaf onto this mesh (`dsjax.sharding.param_shardings`) as soon as it is read,
+    so neither the host nor any device ever holds the whole model."""
     maps = leaf_maps(config)
     check_names(reader, config, maps)
     block = fp8.block if fp8 is not None else FP8_BLOCK
+    place = leaf_placer(config, mesh)
     params: dict = {}
     for leaf in maps:
         stored_dtype = np.float32 if leaf.path[-1] == "e_score_correction_bias" else (dtype or config.param_dtype)
@@ -262,7 +266,7 @@ def load_params(reader: CheckpointReader, config, dtype=None, fp8: FP8Format | N
         node = params
         for key in leaf.path[:-1]:
             node = node.setdefault(key, {})
-        node[leaf.path[-1]] = out
+        node[leaf.path[-1]] = place(leaf.path, out)
     return params
 
 

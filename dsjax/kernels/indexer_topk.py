@@ -8,8 +8,8 @@ key index first (the order of `jax.lax.top_k`, which the dense model path uses, 
 the same set); slots a query cannot fill (it sees fewer than K keys) come last, as index -1
 with score -inf.
 
-- `indexer_topk_reference`: pure JAX; materialises the [B, T, S] scores (heads reduced chunk by
-  chunk over queries) and calls `jax.lax.top_k`.
+- `indexer_topk_reference`: pure JAX; scores one query chunk at a time ([B, chunk, S], heads
+  reduced in the chunk) and keeps its `jax.lax.top_k`, so memory is O(T K + chunk S).
 - the Pallas kernel: grid (batch, query block, key block), key blocks innermost. Each step
   scores a [block_t, block_s] tile (heads reduced in-tile, so nothing larger than
   [block_t, H_I, block_s] exists), sorts it with a bitonic network on (score, index) pairs and
@@ -46,9 +46,12 @@ def _prepare(q, k, w, segment_ids, kv_segment_ids, q_offset, topk, scale):
     return segment_ids, kv_segment_ids, q_pos, min(int(topk), keys), scale
 
 
-def index_scores_reference(q, k, w, segment_ids=None, *, scale=None, kv_segment_ids=None, q_offset=None,
-                           query_chunk: int | None = None):
-    """The masked index scores [B, T, S] float32 (-inf where invisible), heads reduced per chunk."""
+def _map_score_chunks(reduce, q, k, w, segment_ids, scale, kv_segment_ids, q_offset, query_chunk):
+    """reduce(masked scores [B, c, S] float32) over query chunks, re-joined along T.
+
+    Heads are reduced per chunk, so at most [B, c, H, S] exists (c: ~64 MiB by default); with a
+    top-k `reduce` nothing of size [T, S] is kept either.
+    """
     segment_ids, kv_segment_ids, q_pos, _, scale = _prepare(q, k, w, segment_ids, kv_segment_ids, q_offset, 1, scale)
     batch, length, heads, _ = q.shape
     keys = k.shape[1]
@@ -60,7 +63,7 @@ def index_scores_reference(q, k, w, segment_ids=None, *, scale=None, kv_segment_
         logits = jax.nn.relu(logits * scale)
         scores = jnp.einsum("bths,bth->bts", logits, wc.astype(jnp.float32))
         visible = be.visibility(pc, sc, k_pos[None], kv_segment_ids)
-        return jnp.where(visible, scores, -jnp.inf)
+        return reduce(jnp.where(visible, scores, -jnp.inf))
 
     if query_chunk is None:  # keep the per-chunk [B, c, H, S] tensor near 64 MiB
         query_chunk = max(1, min(length, (64 << 20) // max(1, 4 * batch * heads * keys)))
@@ -74,17 +77,30 @@ def index_scores_reference(q, k, w, segment_ids=None, *, scale=None, kv_segment_
         return jnp.moveaxis(x.reshape(batch, chunks, query_chunk, *x.shape[2:]), 1, 0)
 
     out = jax.lax.map(lambda a: chunk_scores(*a), (split(q), split(w), split(q_pos), split(segment_ids)))
-    return jnp.moveaxis(out, 0, 1).reshape(batch, padded, keys)[:, :length]
+    join = lambda y: jnp.moveaxis(y, 0, 1).reshape(batch, padded, *y.shape[3:])[:, :length]  # noqa: E731
+    return jax.tree.map(join, out)
+
+
+def index_scores_reference(q, k, w, segment_ids=None, *, scale=None, kv_segment_ids=None, q_offset=None,
+                           query_chunk: int | None = None):
+    """The masked index scores [B, T, S] float32 (-inf where invisible), heads reduced per chunk."""
+    return _map_score_chunks(lambda scores: scores, q, k, w, segment_ids, scale, kv_segment_ids, q_offset,
+                             query_chunk)
 
 
 def indexer_topk_reference(q, k, w, segment_ids=None, *, topk, scale=None, kv_segment_ids=None, q_offset=None,
-                           return_scores=False):
-    """Pure-JAX reference of `indexer_topk` (same arguments, same output convention)."""
-    scores = index_scores_reference(q, k, w, segment_ids, scale=scale, kv_segment_ids=kv_segment_ids,
-                                    q_offset=q_offset)
+                           return_scores=False, query_chunk: int | None = None):
+    """Pure-JAX reference of `indexer_topk` (same arguments, same output convention).
+
+    `jax.lax.top_k` runs per query chunk: memory O(T K + chunk S), never [T, S].
+    """
     kk = min(int(topk), k.shape[1])
-    values, indices = jax.lax.top_k(scores, kk)
-    indices = jnp.where(values == -jnp.inf, -1, indices).astype(jnp.int32)
+
+    def top(scores):
+        values, indices = jax.lax.top_k(scores, kk)
+        return values, jnp.where(values == -jnp.inf, -1, indices).astype(jnp.int32)
+
+    values, indices = _map_score_chunks(top, q, k, w, segment_ids, scale, kv_segment_ids, q_offset, query_chunk)
     return (indices, values) if return_scores else indices
 
 

@@ -56,7 +56,10 @@ _DEFAULTS = dict(
     # numerics and implementation choices
     dtype="float32",  # compute dtype of activations and matmuls ("bfloat16" on accelerators)
     param_dtype="float32",  # storage dtype of parameters
-    attention_impl="xla",  # "xla" (pure JAX); "pallas" kernels arrive with the DSA issue
+    # DSA kernels of the indexer layers (V3.2; V3 layers always run dense XLA attention):
+    # "xla": gather-based pure JAX, O(T k) (what CPU runs); "pallas": the Pallas kernels
+    # (Triton on GPU, Mosaic on TPU, interpret mode on CPU). See dsjax/kernels.
+    attention_impl="xla",
     moe_impl="ragged",  # "ragged": sorted tokens + jax.lax.ragged_dot (dropless); "dense": every expert on every token (tests)
     # Under a mesh with an `expert` axis > 1, routed experts run expert-parallel (all-to-all).
     # 0: dropless; f > 0: each device accepts at most f x (its tokens x k / expert shards) copies.
@@ -213,6 +216,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
         need(not missing, f"rope_scaling lacks {sorted(missing)}")
     need(config.dtype in ("float32", "bfloat16", "float16"), f"dtype={config.dtype!r} must be float32, bfloat16 or float16")
     need(config.param_dtype in ("float32", "bfloat16"), f"param_dtype={config.param_dtype!r} must be float32 or bfloat16")
-    need(config.attention_impl in ("xla", "pallas"), f"attention_impl={config.attention_impl!r} must be 'xla' or 'pallas'")
+    need(config.attention_impl in ("xla", "pallas"),
+         f"attention_impl={config.attention_impl!r} must be 'xla' (gather-based pure JAX) or 'pallas' "
+         "(the Pallas kernels of dsjax.kernels; interpret mode on CPU)")
     need(config.moe_impl in ("ragged", "dense"), f"moe_impl={config.moe_impl!r} must be 'ragged' or 'dense'")
     need(config.remat_policy in ("none", "full", "dots"), f"remat_policy={config.remat_policy!r} must be none, full or dots")

@@ -126,10 +126,9 @@ def forward_cached(params, tokens, cache, config, *, write_index, starts, forced
     starts = jnp.asarray(starts, jnp.int32)
     query_real = columns[None, :] >= starts[:, None]  # [B, Tq]
     positions = jnp.where(query_real, columns[None, :] - starts[:, None], columns[None, :])
-    key_columns = jnp.arange(cache_len)
-    key_real = key_columns[None, :] >= starts[:, None]  # [B, S]
-    key_mask = ((key_columns[None, None, :] <= columns[None, :, None])
-                & (key_real[:, None, :] == query_real[:, :, None]))  # [B, Tq, S]
+    key_real = jnp.arange(cache_len)[None, :] >= starts[:, None]  # [B, S]
+    # Segment 1: real tokens, 0: left padding (which attends only to padding, as in training).
+    query_segments, key_segments = query_real.astype(jnp.int32), key_real.astype(jnp.int32)
     cos, sin = rope_tables(positions, c)
 
     embedding = params["embed"]["embedding"]
@@ -149,7 +148,7 @@ def forward_cached(params, tokens, cache, config, *, write_index, starts, forced
             index_layer = None if index_all is None else jax.lax.dynamic_index_in_dim(index_all, i, 0, keepdims=False)
             x = _norm(layer_params["attention_norm"], h, c)
             attn, entries, index_entries = mla_cached(layer_params["attention"], x, cos, sin, kv_layer, index_layer,
-                                                      write_index, key_mask, c)
+                                                      write_index, query_segments, key_segments, c)
             h = h + attn
             # Write only the new columns into the stacked cache (in place inside a loop).
             kv_all = jax.lax.dynamic_update_slice(kv_all, entries[None], (i, 0, write_index, 0))

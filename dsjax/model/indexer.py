@@ -7,27 +7,35 @@
     S_t = top-k_s I[t, s]
 
 RoPE (half-split layout) rotates the first `qk_rope_head_dim` dims of q_I and k_I.
-This module is the pure-JAX reference: it materialises I as [B, T, T].
+The module returns these parts, not I: `dsjax.kernels.indexer_topk` scores them block by block
+and keeps only the top-k, so no [T, T] tensor exists. `index_scores_at` recomputes I at given
+keys (the sparse stage's differentiable KL input), O(T K H_I d_I).
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from dsjax.model.norms import LayerNorm
-from dsjax.model.params import Linear, contract
+from dsjax.model.params import Linear
 from dsjax.model.rope import apply_rope
+
+
+class IndexerParts(NamedTuple):
+    queries: jax.Array  # q_I [B, T, H_I, d_I], RoPE applied (compute dtype)
+    keys: jax.Array  # k_I [B, T, d_I], RoPE applied (compute dtype)
+    weights: jax.Array  # w [B, T, H_I] float32, already times H_I^-0.5
 
 
 class LightningIndexer(nn.Module):
     config: object
 
     @nn.compact
-    def __call__(self, x: jax.Array, q_latent: jax.Array, cos: jax.Array, sin: jax.Array,
-                 attention_mask: jax.Array) -> jax.Array:
-        """Index scores [B, T, S] in float32, -inf where the mask forbids attending."""
+    def __call__(self, x: jax.Array, q_latent: jax.Array, cos: jax.Array, sin: jax.Array) -> IndexerParts:
         c = self.config
         rope_dim = c.qk_rope_head_dim
         common = dict(dtype=c.dtype, param_dtype=c.param_dtype, init_std=c.initializer_range)
@@ -40,53 +48,40 @@ class LightningIndexer(nn.Module):
         k = jnp.concatenate([apply_rope(k[..., :rope_dim], cos, sin, interleaved=False), k[..., rope_dim:]], -1)
         # The head weights stay in float32, as in DeepSeek's release (HF keeps weights_proj in fp32).
         weights = Linear((c.index_num_heads,), ("embed", "index_heads"), name="weights_proj", **common)(x)
-        weights = weights.astype(jnp.float32) * c.index_num_heads ** -0.5
-        logits = jnp.einsum("bthd,bsd->bths", q.astype(jnp.float32), k.astype(jnp.float32))
-        logits = jax.nn.relu(logits * c.index_head_dim ** -0.5)
-        scores = jnp.einsum("bths,bth->bts", logits, weights)
-        scores = jnp.where(attention_mask, scores, -jnp.inf)
-        self.sow("intermediates", "index_scores", scores)
-        return scores
+        return IndexerParts(q, k, weights.astype(jnp.float32) * c.index_num_heads ** -0.5)
 
 
-def topk_selection_mask(index_scores: jax.Array, topk: int, attention_mask: jax.Array) -> jax.Array:
-    """Boolean [B, T, S]: True at each query's top-k keys that it may attend to.
+def index_scores_at(parts: IndexerParts, indices: jax.Array, *, scale: float,
+                    query_chunk: int | None = None) -> jax.Array:
+    """I[t, indices[t, j]] as [B, T, K] float32 (-inf at -1 slots), differentiable in the parts.
 
-    k is clipped to the sequence length; queries with fewer than k visible keys keep all of
-    them (the -inf scores picked to fill their quota are removed by `attention_mask`).
+    Gathers each query's K index keys, so the cost is O(T K H_I d_I) and no [T, S] tensor
+    exists; queries run in chunks under `jax.checkpoint` (autodiff then keeps one chunk's
+    [c, K, d_I] gathered keys alive, not the whole [T, K, d_I]).
     """
-    batch, length, keys = index_scores.shape
-    k = min(topk, keys)
-    _, indices = jax.lax.top_k(index_scores, k)
-    selected = jnp.zeros(index_scores.shape, bool)
-    selected = selected.at[jnp.arange(batch)[:, None, None], jnp.arange(length)[None, :, None], indices].set(True)
-    return selected & attention_mask
+    queries, keys, weights = parts
+    batch, length, heads, dim = queries.shape
+    k = indices.shape[-1]
+    if query_chunk is None:  # ~8 MiB of gathered keys and logits per chunk
+        query_chunk = max(1, (8 << 20) // max(1, 4 * batch * k * (dim + heads)))
+    query_chunk = min(query_chunk, length)
 
+    @jax.checkpoint
+    def chunk(q, w, idx):  # [B, c, H_I, d], [B, c, H_I], [B, c, K]
+        valid = idx >= 0
+        rows = jax.vmap(lambda table, i: table[i])(keys, jnp.where(valid, idx, 0))  # [B, c, K, d]
+        logits = jnp.einsum("bthd,btkd->btkh", q.astype(jnp.float32), rows.astype(jnp.float32))
+        scores = jnp.einsum("btkh,bth->btk", jax.nn.relu(logits * scale), w)
+        return jnp.where(valid, scores, -jnp.inf)
 
-def indexer_cached_scores(params, x, q_latent, cos, sin, cache_keys, write_index, key_mask, config):
-    """Index scores of new tokens against the indexer's key cache (decoding; same params as
-    `LightningIndexer`).
+    chunks = -(-length // query_chunk)
+    if chunks == 1:
+        return chunk(queries, weights, indices)
+    padded = chunks * query_chunk
 
-    x [B, Tq, D], q_latent [B, Tq, q_lora_rank], cos/sin [B, Tq, rope/2]; cache_keys
-    [B, S, index_head_dim]; the new tokens' keys go to columns [write_index, write_index + Tq).
-    key_mask [B, Tq, S] marks the columns each new token may see.
+    def split(x, fill):  # [B, T, ...] -> [chunks, B, c, ...]
+        x = jnp.pad(x, [(0, 0), (0, padded - length)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
+        return jnp.moveaxis(x.reshape(batch, chunks, query_chunk, *x.shape[2:]), 1, 0)
 
-    Returns (scores [B, Tq, S] float32, -inf where masked; the new keys [B, Tq, index_head_dim];
-    the updated cache).
-    """
-    c = config
-    rope_dim, dtype = c.qk_rope_head_dim, c.dtype
-    q = contract(q_latent, params["wq_b"]["kernel"], 1, dtype)
-    k = contract(x, params["wk"]["kernel"], 1, dtype)
-    k = LayerNorm(eps=1e-6, axis_name="index_head_dim", dtype=dtype, param_dtype=c.param_dtype).apply(
-        {"params": params["k_norm"]}, k)
-    q = jnp.concatenate([apply_rope(q[..., :rope_dim], cos, sin, interleaved=False), q[..., rope_dim:]], -1)
-    k = jnp.concatenate([apply_rope(k[..., :rope_dim], cos, sin, interleaved=False), k[..., rope_dim:]], -1)
-    new_keys = k.astype(cache_keys.dtype)
-    cache_keys = jax.lax.dynamic_update_slice_in_dim(cache_keys, new_keys, write_index, axis=1)
-    weights = contract(x, params["weights_proj"]["kernel"], 1, dtype)
-    weights = weights.astype(jnp.float32) * c.index_num_heads ** -0.5
-    logits = jnp.einsum("bthd,bsd->bths", q.astype(jnp.float32), cache_keys.astype(jnp.float32))
-    logits = jax.nn.relu(logits * c.index_head_dim ** -0.5)
-    scores = jnp.einsum("bths,bth->bts", logits, weights)
-    return jnp.where(key_mask, scores, -jnp.inf), new_keys, cache_keys
+    out = jax.lax.map(lambda a: chunk(*a), (split(queries, 0), split(weights, 0), split(indices, -1)))
+    return jnp.moveaxis(out, 0, 1).reshape(batch, padded, k)[:, :length]

@@ -1,4 +1,4 @@
-"""Multi-head latent attention (MLA), with DSA's top-k restriction when the model has an indexer.
+"""Multi-head latent attention (MLA), and DeepSeek Sparse Attention (DSA) when the model has an indexer.
 
     c_q = RMSNorm(x W_qa)                    q = c_q W_qb -> per head [q_nope | q_rope]
     [c_kv | k_rope] = x W_kva               c_kv = RMSNorm(c_kv)
@@ -6,7 +6,30 @@
     o = softmax(q . k * scale + mask) v W_o
 
 RoPE rotates q_rope and k_rope only. scale = (qk_nope + qk_rope)^-0.5 * mscale^2 (YaRN).
-This is the expanded (training) form; decoding reads the cached latent [c_kv | k_rope].
+
+Layers without an indexer (V3) run this expanded form, dense, in XLA. Layers with one (V3.2)
+attend only to the indexer's top-k keys S_t, in the absorbed (MQA) form: with W_uk = W_kvb[.., :nope]
+and W_uv = W_kvb[.., nope:],
+
+    q_abs[t, h] = [q_nope[t, h] W_uk^T | q_rope[t, h]]      kv_lat[s] = [c_kv[s] | k_rope[s]]
+    o[t, h] = (sum_{s in S_t} softmax_s(q_abs[t, h] . kv_lat[s] * scale) c_kv[s]) W_uv
+
+so the layer costs O(T k) (`dsjax.kernels.sparse_mla`), and the indexer never materialises its
+[T, T] scores (`dsjax.kernels.indexer_topk`). `config.attention_impl` picks the kernels' "xla"
+(gather-based pure JAX) or "pallas" implementation.
+
+`dsa_stage` (a static module attribute) selects a DSA training stage (V3.2 report, section 2.1):
+
+    None      sparse attention over S_t (inference and ordinary training)
+    "dense"   dense attention, the indexer unused (the V3 math)
+    "warmup"  dense attention; the indexer (its inputs detached) is scored against the target
+              p[t, :] = (1/H) sum_h softmax_s(q_abs[t, h] . kv_lat[s] * scale):
+              indexer_kl = mean_t KL(p[t, :] || softmax(I[t, :]))
+    "sparse"  sparse attention as None; the indexer's inputs are detached, and
+              indexer_kl = mean_t KL(p[t, S_t] || softmax(I[t, S_t])), with p[t, S_t] the sparse
+              attention's own head-averaged probabilities
+Both stages also report topk_attention_recall = mean_t sum_{s in S_t} p_dense[t, s], the share of
+the dense attention mass the top-k keeps. Means run over non-padding queries (segment id > 0).
 """
 
 from __future__ import annotations
@@ -15,10 +38,19 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dsjax.model.indexer import LightningIndexer, indexer_cached_scores, topk_selection_mask
+from dsjax.kernels import attention_lse, attention_target, attention_target_at, indexer_topk, sparse_mla
+from dsjax.kernels.indexer_topk import index_scores_reference
+from dsjax.model.indexer import IndexerParts, LightningIndexer, index_scores_at
 from dsjax.model.norms import RMSNorm
 from dsjax.model.params import Kernel, Linear, contract
 from dsjax.model.rope import apply_rope, attention_scaling
+
+DSA_STAGES = (None, "dense", "warmup", "sparse")
+
+
+def check_dsa_stage(dsa_stage) -> None:
+    if dsa_stage not in DSA_STAGES:
+        raise ValueError(f"dsa_stage={dsa_stage!r} must be one of {DSA_STAGES}")
 
 
 def softmax_scale(config) -> float:
@@ -26,12 +58,78 @@ def softmax_scale(config) -> float:
     return (config.qk_nope_head_dim + config.qk_rope_head_dim) ** -0.5 * mscale_squared
 
 
+def attention_mask_for(segment_ids: jax.Array) -> jax.Array:
+    """[B, T, S] True where query t may attend key s: causal and inside the same document.
+
+    Padding (segment 0) attends only to padding, so no row is empty and real tokens never see it.
+    The DSA kernels apply the same rule from the segment ids themselves.
+    """
+    length = segment_ids.shape[-1]
+    causal = jnp.tril(jnp.ones((length, length), bool))
+    return causal[None] & (segment_ids[:, :, None] == segment_ids[:, None, :])
+
+
+def _masked_mean(values: jax.Array, query_valid: jax.Array) -> jax.Array:
+    weight = query_valid.astype(jnp.float32)
+    return jnp.sum(values * weight) / jnp.maximum(jnp.sum(weight), 1.0)
+
+
+def indexer_kl(target: jax.Array, index_logits: jax.Array, query_valid: jax.Array) -> jax.Array:
+    """mean over valid queries of KL(target[t] || softmax(index_logits[t])), float32 scalar.
+
+    target [B, T, N] sums to 1 per query and is 0 wherever index_logits is -inf (keys or slots
+    the query cannot use); those entries drop out (0 log 0 = 0).
+    """
+    usable = index_logits > -jnp.inf
+    log_q = jnp.where(usable, jax.nn.log_softmax(index_logits, axis=-1), 0.0)
+    positive = target > 0
+    p_log_p = jnp.where(positive, target * jnp.log(jnp.where(positive, target, 1.0)), 0.0)
+    return _masked_mean(jnp.sum(p_log_p - target * log_q, axis=-1), query_valid)
+
+
+def warmup_indexer_stats(parts: IndexerParts, q_abs, kv_lat, segment_ids, config) -> dict:
+    """Dense warm-up: KL(p[t, :] || softmax(I[t, :])) over every visible key, and top-k recall.
+
+    O(T^2) like the warm-up's dense attention: the full index scores I [B, T, S] are formed.
+    """
+    c = config
+    target = attention_target(q_abs, kv_lat, segment_ids, scale=softmax_scale(c), impl=c.attention_impl)
+    scores = index_scores_reference(*parts, segment_ids, scale=c.index_head_dim ** -0.5)
+    _, top = jax.lax.top_k(jax.lax.stop_gradient(scores), min(c.index_topk, scores.shape[-1]))
+    recall = jnp.sum(jnp.take_along_axis(target, top, axis=-1), axis=-1)  # p is 0 at invisible keys
+    valid = segment_ids > 0
+    return dict(indexer_kl=indexer_kl(target, scores, valid), topk_attention_recall=_masked_mean(recall, valid))
+
+
+def sparse_indexer_stats(parts: IndexerParts, indices, q_abs, kv_lat, segment_ids, config) -> dict:
+    """Sparse stage: KL(p[t, S_t] || softmax(I[t, S_t])) over the selected slots, and top-k recall.
+
+    p[t, S_t]: the sparse attention's head-averaged probabilities (O(T k)); I at the selected keys
+    is recomputed differentiably (O(T k H_I d_I)). The recall needs the dense log-sum-exp
+    (`attention_lse`: O(T^2) time, O(T) memory).
+    """
+    c = config
+    scale, impl = softmax_scale(c), c.attention_impl
+    target = attention_target_at(q_abs, kv_lat, indices, scale=scale, normalize=True, impl=impl)
+    scores = index_scores_at(parts, indices, scale=c.index_head_dim ** -0.5)
+    dense_lse = attention_lse(q_abs, kv_lat, segment_ids, scale=scale, impl=impl)
+    kept = attention_target_at(q_abs, kv_lat, indices, scale=scale, lse=dense_lse, normalize=False, impl=impl)
+    valid = segment_ids > 0
+    return dict(indexer_kl=indexer_kl(target, scores, valid),
+                topk_attention_recall=_masked_mean(jnp.sum(kept, axis=-1), valid))
+
+
 class MLA(nn.Module):
     config: object
+    dsa_stage: str | None = None  # see the module doc
 
     @nn.compact
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, attention_mask: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, segment_ids: jax.Array):
+        """x [B, T, D], cos/sin [B, T, rope/2], segment_ids [B, T] (0: padding) ->
+        (output [B, T, D], aux: {} or, in the "warmup"/"sparse" stages of an indexer layer,
+        {"indexer_kl": scalar, "topk_attention_recall": scalar})."""
         c = self.config
+        stage = self.dsa_stage
         heads, nope, rope, v_dim = c.num_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim
         common = dict(dtype=c.dtype, param_dtype=c.param_dtype, init_std=c.initializer_range)
         norm = dict(eps=c.rms_norm_eps, dtype=c.dtype, param_dtype=c.param_dtype)
@@ -51,20 +149,47 @@ class MLA(nn.Module):
 
         kv_b = Kernel((c.kv_lora_rank, heads, nope + v_dim), ("kv_lora", "heads", "head_dim"),
                       init_std=c.initializer_range, param_dtype=c.param_dtype, name="kv_b_proj")().astype(c.dtype)
-        k_nope = jnp.einsum("bsc,chd->bshd", kv_latent, kv_b[..., :nope])
-        values = jnp.einsum("bsc,chd->bshd", kv_latent, kv_b[..., nope:])
+        o_proj = Linear((c.hidden_size,), ("heads", "head_dim", "embed"), in_dims=2, name="o_proj", **common)
 
-        if c.use_indexer:
-            index_scores = LightningIndexer(c, name="indexer")(x, q_latent, cos, sin, attention_mask)
-            attention_mask = topk_selection_mask(index_scores, c.index_topk, attention_mask)
+        sparse = c.use_indexer and stage in (None, "sparse")
+        if not sparse:
+            out = _dense_attention(q_nope, q_rope, kv_latent, k_rope, kv_b, segment_ids, c)
+        if not c.use_indexer or stage == "dense":
+            return o_proj(out), {}
 
-        scores = (jnp.einsum("bthd,bshd->bhts", q_nope, k_nope, preferred_element_type=jnp.float32)
-                  + jnp.einsum("bthr,bsr->bhts", q_rope, k_rope, preferred_element_type=jnp.float32))
-        scores = scores * softmax_scale(c)
-        scores = jnp.where(attention_mask[:, None], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(c.dtype)
-        out = jnp.einsum("bhts,bshd->bthd", probs, values)
-        return Linear((c.hidden_size,), ("heads", "head_dim", "embed"), in_dims=2, name="o_proj", **common)(out)
+        if stage in ("warmup", "sparse"):
+            # The indexer learns only from its KL loss, which must not reach the rest of the model.
+            x, q_latent = jax.lax.stop_gradient(x), jax.lax.stop_gradient(q_latent)
+        parts = LightningIndexer(c, name="indexer")(x, q_latent, cos, sin)
+        # Absorbed form: queries [q_nope W_uk^T | q_rope], one shared latent key [c_kv | k_rope].
+        q_abs = jnp.concatenate([jnp.einsum("bthd,chd->bthc", q_nope, kv_b[..., :nope]), q_rope], axis=-1)
+        kv_lat = jnp.concatenate([kv_latent, k_rope], axis=-1)
+        if stage == "warmup":
+            return o_proj(out), warmup_indexer_stats(parts, q_abs, kv_lat, segment_ids, c)
+
+        # Top-k selection is not differentiable: no gradient reaches the indexer through it.
+        indices = indexer_topk(*jax.lax.stop_gradient(parts), segment_ids, topk=c.index_topk,
+                               scale=c.index_head_dim ** -0.5, impl=c.attention_impl)
+        self.sow("intermediates", "topk_indices", indices)
+        latent_out = sparse_mla(q_abs, kv_lat, indices, scale=softmax_scale(c), dv=c.kv_lora_rank,
+                                impl=c.attention_impl)
+        out = jnp.einsum("bthc,chv->bthv", latent_out, kv_b[..., nope:])
+        aux = sparse_indexer_stats(parts, indices, q_abs, kv_lat, segment_ids, c) if stage == "sparse" else {}
+        return o_proj(out), aux
+
+
+def _dense_attention(q_nope, q_rope, kv_latent, k_rope, kv_b, segment_ids, config):
+    """Dense causal MLA in the expanded form: [B, T, H, v_head_dim] (O(T^2))."""
+    c = config
+    nope = c.qk_nope_head_dim
+    k_nope = jnp.einsum("bsc,chd->bshd", kv_latent, kv_b[..., :nope])
+    values = jnp.einsum("bsc,chd->bshd", kv_latent, kv_b[..., nope:])
+    scores = (jnp.einsum("bthd,bshd->bhts", q_nope, k_nope, preferred_element_type=jnp.float32)
+              + jnp.einsum("bthr,bsr->bhts", q_rope, k_rope, preferred_element_type=jnp.float32))
+    scores = scores * softmax_scale(c)
+    scores = jnp.where(attention_mask_for(segment_ids)[:, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(c.dtype)
+    return jnp.einsum("bhts,bshd->bthd", probs, values)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -89,7 +214,7 @@ def _rms_norm(params, x, config, axis_name):
                    param_dtype=config.param_dtype).apply({"params": params}, x)
 
 
-def mla_cached(params, x, cos, sin, cache_kv, cache_index_keys, write_index, key_mask, config):
+def mla_cached(params, x, cos, sin, cache_kv, cache_index_keys, write_index, query_segments, key_segments, config):
     """MLA for new tokens against a latent cache, in the absorbed form.
 
     Args:
@@ -100,14 +225,15 @@ def mla_cached(params, x, cos, sin, cache_kv, cache_index_keys, write_index, key
       cache_index_keys: [B, S, index_head_dim] the indexer's key cache (V3.2), else None.
       write_index: the cache column of the first new token; new tokens fill
         [write_index, write_index + Tq) (same for every row: prompts are left-padded).
-      key_mask: [B, Tq, S] bool, the cached columns each new token may attend to (after writing).
+      query_segments: int [B, Tq], key_segments: int [B, S]: new token t sees cached column s
+        when s <= write_index + t and their segments are equal (left padding: segment 0).
 
     Returns (output [B, Tq, D], new cache entries [B, Tq, kv_lora + rope],
     new indexer keys [B, Tq, index_head_dim] or None). The caller writes the entries into its
     cache at `write_index`; attention here already sees them.
 
-    With the indexer, a single decode token (Tq = 1) gathers its top-k cached rows and attends
-    only to them; several new tokens (prefill) use the top-k as a mask over the cache.
+    With the indexer, each new token attends to its top-k cached columns only (the same
+    `indexer_topk` + `sparse_mla` kernels as the training forward, shifted by `q_offset`).
     """
     c = config
     nope, rope, lora = c.qk_nope_head_dim, c.qk_rope_head_dim, c.kv_lora_rank
@@ -129,31 +255,24 @@ def mla_cached(params, x, cos, sin, cache_kv, cache_index_keys, write_index, key
 
     kv_b = params["kv_b_proj"]["kernel"].astype(dtype)  # [kv_lora, heads, nope + v]
     query = jnp.concatenate([jnp.einsum("bthd,chd->bthc", q_nope, kv_b[..., :nope]), q_rope.astype(dtype)], -1)
+    scale = softmax_scale(c)
 
     new_index_keys = None
-    gather = None
     if c.use_indexer:
-        index_scores, new_index_keys, cache_index_keys = indexer_cached_scores(
-            params["indexer"], x, q_latent, cos, sin, cache_index_keys, write_index, key_mask, c)
-        if x.shape[1] == 1 and c.index_topk < cache_kv.shape[1]:
-            _, gather = jax.lax.top_k(index_scores, c.index_topk)  # [B, 1, k]
-        else:
-            key_mask = topk_selection_mask(index_scores, c.index_topk, key_mask)
-
-    scale = softmax_scale(c)
-    neg = jnp.finfo(jnp.float32).min
-    if gather is None:  # every cached column, masked
+        parts = LightningIndexer(c).apply({"params": params["indexer"]}, x, q_latent, cos, sin)
+        new_index_keys = parts.keys.astype(cache_index_keys.dtype)
+        cache_index_keys = jax.lax.dynamic_update_slice_in_dim(cache_index_keys, new_index_keys, write_index, axis=1)
+        indices = indexer_topk(parts.queries, cache_index_keys, parts.weights, query_segments, topk=c.index_topk,
+                               scale=c.index_head_dim ** -0.5, kv_segment_ids=key_segments, q_offset=write_index,
+                               impl=c.attention_impl)
+        latent_out = sparse_mla(query, cache_kv.astype(dtype), indices, scale=scale, dv=lora, impl=c.attention_impl)
+    else:  # every cached column, masked
+        columns = write_index + jnp.arange(x.shape[1])
+        key_mask = ((jnp.arange(cache_kv.shape[1])[None, None, :] <= columns[None, :, None])
+                    & (key_segments[:, None, :] == query_segments[:, :, None]))  # [B, Tq, S]
         scores = jnp.einsum("bthd,bsd->bhts", query, cache_kv.astype(dtype), preferred_element_type=jnp.float32)
-        scores = jnp.where(key_mask[:, None], scores * scale, neg)
+        scores = jnp.where(key_mask[:, None], scores * scale, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
         latent_out = jnp.einsum("bhts,bsc->bthc", probs, cache_kv[..., :lora].astype(dtype))
-    else:  # only the k selected columns
-        rows = jnp.arange(x.shape[0])[:, None, None]
-        keys = cache_kv[rows, gather].astype(dtype)  # [B, 1, k, lora + rope]
-        selected_mask = jnp.take_along_axis(key_mask, gather, axis=-1)  # [B, 1, k]
-        scores = jnp.einsum("bthd,btkd->bhtk", query, keys, preferred_element_type=jnp.float32)
-        scores = jnp.where(selected_mask[:, None], scores * scale, neg)
-        probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-        latent_out = jnp.einsum("bhtk,btkc->bthc", probs, keys[..., :lora])
     out = jnp.einsum("bthc,chv->bthv", latent_out, kv_b[..., nope:])
     return _linear(params["o_proj"], out, dtype, in_dims=2), new_entries, new_index_keys

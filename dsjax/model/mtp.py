@@ -24,15 +24,17 @@ from dsjax.model.params import Linear
 class MTPModule(nn.Module):
     config: object
     layer_cls: type  # the decoder layer class (the model file passes its own)
+    dsa_stage: str | None = None
 
     @nn.compact
-    def __call__(self, hidden: jax.Array, next_embeddings: jax.Array, forced_indices, cos, sin, attention_mask, valid):
-        """Returns (h^k before the head norm, head-normalised h^k, aux of the layer's router)."""
+    def __call__(self, hidden: jax.Array, next_embeddings: jax.Array, forced_indices, cos, sin, segment_ids):
+        """Returns (h^k before the head norm, head-normalised h^k, the layer's aux)."""
         c = self.config
         norm = dict(eps=c.rms_norm_eps, dtype=c.dtype, param_dtype=c.param_dtype)
         joined = jnp.concatenate([RMSNorm(name="embed_norm", **norm)(next_embeddings),
                                   RMSNorm(name="hidden_norm", **norm)(hidden)], axis=-1)
         x = Linear((c.hidden_size,), ("concat_embed", "embed"), name="eh_proj", dtype=c.dtype,
                    param_dtype=c.param_dtype, init_std=c.initializer_range)(joined)
-        h, aux = self.layer_cls(c, use_moe=True, name="layer")(x, forced_indices, cos, sin, attention_mask, valid)
+        layer = self.layer_cls(c, use_moe=True, dsa_stage=self.dsa_stage, name="layer")
+        h, aux = layer(x, forced_indices, cos, sin, segment_ids)
         return h, RMSNorm(name="head_norm", **norm)(h), aux

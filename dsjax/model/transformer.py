@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from dsjax.model.mla import MLA
+from dsjax.model.mla import MLA, check_dsa_stage
 from dsjax.model.moe import MLP, MoE
 from dsjax.model.mtp import MTPModule
 from dsjax.model.norms import RMSNorm
@@ -29,24 +29,33 @@ from dsjax.model.rope import rope_tables
 class ModelOutput(NamedTuple):
     logits: jax.Array  # [B, T, vocab] float32
     mtp_logits: jax.Array | None  # [num_mtp_layers, B, T, vocab]: module k at i predicts token i + k + 2
-    aux: dict  # per router-holding subtree ("moe_layers", "mtp_0", ...): expert_load, balance_loss, expert_indices
+    # Per layer stack / MTP module ("dense_layers", "moe_layers", "mtp_0", ...; stacks: one value per
+    # layer on a leading axis). Router-holding entries: expert_load, balance_loss, expert_indices.
+    # In the DSA stages "warmup" / "sparse", every entry with indexer layers also has indexer_kl and
+    # topk_attention_recall (float32 scalars per layer).
+    aux: dict
     hidden: jax.Array  # [B, T, D], the last decoder layer's output before the final norm
 
 
 class DecoderLayer(nn.Module):
     config: Any
     use_moe: bool
+    dsa_stage: str | None = None  # see dsjax.model.mla
 
     @nn.compact
-    def __call__(self, h, forced_indices, cos, sin, attention_mask, valid):
+    def __call__(self, h, forced_indices, cos, sin, segment_ids):
+        """-> (h, aux): the router's statistics (MoE layers) and the indexer's (DSA stages)."""
         c = self.config
         norm = dict(eps=c.rms_norm_eps, dtype=c.dtype, param_dtype=c.param_dtype)
-        h = h + MLA(c, name="attention")(RMSNorm(name="attention_norm", **norm)(h), cos, sin, attention_mask)
+        attention = MLA(c, dsa_stage=self.dsa_stage, name="attention")
+        attended, aux = attention(RMSNorm(name="attention_norm", **norm)(h), cos, sin, segment_ids)
+        h = h + attended
         x = RMSNorm(name="mlp_norm", **norm)(h)
         if self.use_moe:
-            y, aux = MoE(c, name="mlp")(x, valid, forced_indices)
+            y, routing_aux = MoE(c, name="mlp")(x, segment_ids > 0, forced_indices)
+            aux = {**routing_aux, **aux}
         else:
-            y, aux = MLP(c.dense_intermediate_size, c, name="mlp")(x), {}
+            y = MLP(c.dense_intermediate_size, c, name="mlp")(x)
         return h + y, aux
 
 
@@ -56,7 +65,7 @@ _REMAT_POLICIES = {
 }
 
 
-def _layer_stack(config, num_layers: int, use_moe: bool, name: str):
+def _layer_stack(config, num_layers: int, use_moe: bool, dsa_stage, name: str):
     layer = DecoderLayer
     if config.remat_policy != "none":
         layer = nn.remat(layer, policy=_REMAT_POLICIES[config.remat_policy], prevent_cse=False)
@@ -64,11 +73,11 @@ def _layer_stack(config, num_layers: int, use_moe: bool, name: str):
         layer,
         variable_axes={"params": 0, "intermediates": 0},
         split_rngs={"params": True},
-        in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+        in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
         length=num_layers,
         metadata_params={nn.PARTITION_NAME: "layers"},
     )
-    return scanned(config, use_moe=use_moe, name=name)
+    return scanned(config, use_moe=use_moe, dsa_stage=dsa_stage, name=name)
 
 
 def positions_from_segments(segment_ids: jax.Array) -> jax.Array:
@@ -80,18 +89,9 @@ def positions_from_segments(segment_ids: jax.Array) -> jax.Array:
     return (index - start_index).astype(jnp.int32)
 
 
-def attention_mask_for(segment_ids: jax.Array) -> jax.Array:
-    """[B, T, S] True where query t may attend key s: causal and inside the same document.
-
-    Padding (segment 0) attends only to padding, so no row is empty and real tokens never see it.
-    """
-    length = segment_ids.shape[-1]
-    causal = jnp.tril(jnp.ones((length, length), bool))
-    return causal[None] & (segment_ids[:, :, None] == segment_ids[:, None, :])
-
-
 class Transformer(nn.Module):
     config: Any  # a FrozenConfigDict (hashable, as Flax module fields must be)
+    dsa_stage: str | None = None  # None, "dense", "warmup" or "sparse" (see dsjax.model.mla)
 
     @nn.compact
     def __call__(self, tokens, segment_ids=None, positions=None, forced_routing=None) -> ModelOutput:
@@ -101,8 +101,6 @@ class Transformer(nn.Module):
             segment_ids = jnp.ones(tokens.shape, jnp.int32)
         if positions is None:
             positions = positions_from_segments(segment_ids)
-        valid = segment_ids > 0
-        mask = attention_mask_for(segment_ids)
         cos, sin = rope_tables(positions, c)
 
         embedding = Kernel((c.vocab_size, c.hidden_size), ("vocab", "embed"), init_std=c.initializer_range,
@@ -114,8 +112,9 @@ class Transformer(nn.Module):
         num_moe = c.num_layers - c.num_dense_layers
         for name, count, use_moe in (("dense_layers", c.num_dense_layers, False), ("moe_layers", num_moe, True)):
             if count:
-                h, layer_aux = _layer_stack(c, count, use_moe, name)(h, forced_routing.get(name), cos, sin, mask, valid)
-                if use_moe:
+                stack = _layer_stack(c, count, use_moe, self.dsa_stage, name)
+                h, layer_aux = stack(h, forced_routing.get(name), cos, sin, segment_ids)
+                if layer_aux:
                     aux[name] = layer_aux
 
         final_norm = RMSNorm(eps=c.rms_norm_eps, dtype=c.dtype, param_dtype=c.param_dtype, name="final_norm")
@@ -133,8 +132,8 @@ class Transformer(nn.Module):
             # Module k+1 at position i reads token i + k + 1; the wrapped tail is masked by the loss.
             next_embeddings = embed(jnp.roll(tokens, -(k + 1), axis=1))
             name = f"mtp_{k}"
-            previous, normed, aux[name] = MTPModule(c, DecoderLayer, name=name)(
-                previous, next_embeddings, forced_routing.get(name), cos, sin, mask, valid)
+            previous, normed, aux[name] = MTPModule(c, DecoderLayer, dsa_stage=self.dsa_stage, name=name)(
+                previous, next_embeddings, forced_routing.get(name), cos, sin, segment_ids)
             mtp_logits.append(output_head(normed))
         return ModelOutput(logits, jnp.stack(mtp_logits) if mtp_logits else None, aux, h)
 
@@ -143,8 +142,9 @@ def frozen(config) -> ml_collections.FrozenConfigDict:
     return config if isinstance(config, ml_collections.FrozenConfigDict) else ml_collections.FrozenConfigDict(config)
 
 
-def build(config) -> Transformer:
-    return Transformer(frozen(config))
+def build(config, dsa_stage: str | None = None) -> Transformer:
+    check_dsa_stage(dsa_stage)
+    return Transformer(frozen(config), dsa_stage=dsa_stage)
 
 
 def init_params(config, rng: jax.Array, *, sequence_length: int = 8) -> dict:
@@ -168,6 +168,12 @@ def logical_axes(config) -> dict:
     return nn.get_partition_spec(abstract_params(config, boxed=True))
 
 
-def forward(params, tokens, config, *, segment_ids=None, positions=None, forced_routing=None) -> ModelOutput:
-    """The pure forward pass: (params, int tokens [B, T]) -> ModelOutput."""
-    return build(config).apply({"params": params}, tokens, segment_ids, positions, forced_routing)
+def forward(params, tokens, config, *, segment_ids=None, positions=None, forced_routing=None,
+            dsa_stage: str | None = None) -> ModelOutput:
+    """The pure forward pass: (params, int tokens [B, T]) -> ModelOutput.
+
+    segment_ids [B, T] (default: one document; 0 marks padding), positions [B, T] (default:
+    restarting at each document), forced_routing {aux key: int [.., B, T, k]} (replayed experts),
+    dsa_stage: None, "dense", "warmup" or "sparse" (static; see dsjax.model.mla).
+    """
+    return build(config, dsa_stage).apply({"params": params}, tokens, segment_ids, positions, forced_routing)

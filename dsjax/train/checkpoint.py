@@ -251,7 +251,10 @@ class Checkpointer:
       abstract_state: restore target with the structure of the saved state,
         e.g. ``jax.eval_shape(init_fn)`` or a live state; leaves are
         ``jax.ShapeDtypeStruct`` (with the wanted sharding) or arrays. Leaves
-        without a sharding are placed on the first device.
+        without a sharding are placed on the first device. The wanted
+        shardings need not be those the checkpoint was saved with: Orbax
+        reads for each device just its slice, so a state saved on one mesh
+        (or number of processes) restores onto any other.
       data_iterator: if given, the grain iterator is restored in place.
 
     Returns:

@@ -38,6 +38,17 @@ s-th batch and the key ``fold_in(split(key(seed))[1], s - 1)``. Initial params
 use ``split(key(seed))[0]``. Restarting from a checkpoint thus reproduces an
 uninterrupted run exactly (the data iterator state is checkpointed too).
 
+Devices: the step runs on a mesh (``config.mesh``, see
+:mod:`dsjax.sharding`; default: data parallel over every device). Parameters
+are created in their shards (never whole on one device), the optimizer state
+is sharded like the parameters (scalars replicated), each process reads its
+own ``batch_size / process_count`` rows and the global batch is assembled from
+them; the step runs under ``jax.set_mesh``, so MoE layers use expert
+parallelism on a mesh with an ``expert`` axis. Results do not depend on the
+mesh (up to float summation order), and a checkpoint restores onto any mesh.
+Multi-process runs (SLURM, TPU pods, ``JAX_COORDINATOR_ADDRESS``) start JAX's
+distributed runtime first (:func:`dsjax.distributed.maybe_initialize`).
+
 Host loop: after each step the loop reads back the metrics (loss and gradient
 norm are checked every step: a NaN/Inf stops the run with
 :class:`NonFiniteError` before anything of that step is saved), logs every
@@ -63,6 +74,8 @@ import ml_collections
 import numpy as np
 import optax
 
+from dsjax import distributed
+from dsjax import sharding as sharding_lib
 from dsjax.data import default_data_config, make_dataset
 from dsjax.model.config import make_config
 from dsjax.model.transformer import frozen, init_params
@@ -132,6 +145,31 @@ def default_train_config() -> ml_collections.ConfigDict:
     mtp_loss_weight: weight of the mean MTP cross-entropy (V3: 0.3, later 0.1).
     balance_loss_alpha: weight of the summed sequence-wise balance loss (1e-4).
     router_bias_update_rate: gamma of the aux-loss-free bias update (1e-3; 0 off).
+    dsa: DeepSeek Sparse Attention training stages (V3.2 models; see
+      :mod:`dsjax.train.dsa`):
+      stage: "" (the model's own attention: top-k sparse with an indexer),
+        "dense" (dense attention, indexer unused), "warmup" (dense attention,
+        only the indexer trained, by KL to the attention distribution) or
+        "sparse" (top-k attention, LM loss for the model, detached KL for
+        the indexer);
+      indexer_loss_weight: weight of ``indexer_kl`` in the loss;
+      dense_pretrain_steps: for "warmup"/"sparse" runs that start from
+        nothing (empty workdir, no ``init_from``): dense pre-training steps
+        run first in ``WORKDIR/dense_pretrain`` so the attention the indexer
+        learns from is not uniform (0: none).
+    mesh: the device mesh (axes ``data``, ``fsdp``, ``expert``, ``tensor``;
+      see :mod:`dsjax.sharding`): axis sizes, None for unset, -1 (at most
+      one axis) for the remaining devices; ``preset`` names a preset
+      ("fsdp", "fsdp_expert", "expert_tensor") whose sizes the other keys
+      override. Unset axes are 1, except that ``data`` takes the remaining
+      devices when no axis is -1. The default (nothing set) is plain data
+      parallelism over every device (one device: as before), or over as many
+      as a micro-batch splits evenly over (with a warning);
+      ``--config.mesh.fsdp=-1 --config.mesh.expert=4``: experts split 4 ways,
+      everything else FSDP-sharded over the rest; in a config file
+      ``config.mesh.preset = "fsdp_expert"`` (a plain-dict config may hold a
+      preset name or a dict of sizes). ``batch_size`` must divide by
+      ``accumulation_steps`` times the batch shards (data x fsdp x expert).
     data: :func:`dsjax.data.default_data_config`.
     optimizer: :func:`dsjax.train.optim.default_optimizer_config`.
   """
@@ -151,6 +189,9 @@ def default_train_config() -> ml_collections.ConfigDict:
   c.mtp_loss_weight = 0.3
   c.balance_loss_alpha = 1e-4
   c.router_bias_update_rate = 1e-3
+  c.dsa = ml_collections.ConfigDict(dict(stage="", indexer_loss_weight=1.0, dense_pretrain_steps=0))
+  c.mesh = ml_collections.ConfigDict(dict(preset="", **{axis: ml_collections.config_dict.placeholder(int)
+                                                          for axis in sharding_lib.MESH_AXES}))
   c.data = default_data_config()
   c.optimizer = optim.default_optimizer_config()
   return c
@@ -186,6 +227,17 @@ def validate_train_config(config: Any) -> None:
     value = _get(config, key)
     need(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0,
          key, "must be a finite number >= 0")
+  dsa = _as_dict(_get(config, "dsa"))
+  need(dsa.get("stage", "") in losses_lib.DSA_STAGES, "dsa",
+       f"dsa.stage must be one of {losses_lib.DSA_STAGES}")
+  need(isinstance(dsa.get("dense_pretrain_steps", 0), int) and dsa.get("dense_pretrain_steps", 0) >= 0, "dsa",
+       "dsa.dense_pretrain_steps must be an integer >= 0")
+  mesh = _get(config, "mesh")
+  try:
+    sharding_lib.mesh_sizes_from_config(mesh)
+  except (ValueError, TypeError) as e:
+    given = {k: v for k, v in _as_dict(mesh).items() if v not in (None, "")} if not isinstance(mesh, str) else mesh
+    raise ValueError(f"config.mesh={given!r}: {e}") from None
   opt = optim.validate_optimizer_config(_get(config, "optimizer"))
   k = opt["accumulation_steps"]
   need(_get(config, "batch_size") % k == 0, "batch_size",
@@ -308,7 +360,9 @@ def make_train_step(model_config: Any,
                     router_bias_update_rate: float = 0.0,
                     schedule: Optional[optax.Schedule] = None,
                     trainable_mask: Any = None,
-                    jit: bool = True) -> Callable[[dict, dict], tuple[dict, dict]]:
+                    jit: bool = True,
+                    mesh: Optional[jax.sharding.Mesh] = None,
+                    state_shardings: Any = None) -> Callable[[dict, dict], tuple[dict, dict]]:
   """The train step ``(state, batch) -> (new_state, metrics)`` (see the module doc).
 
   Args:
@@ -324,11 +378,25 @@ def make_train_step(model_config: Any,
     trainable_mask: pytree of bools like params (True: counted in
       ``grad_norm``); None: all.
     jit: return the jitted step (state donated) or the plain function.
+    mesh: run on this mesh (needs ``jit``). The step then takes this
+      process's rows of the batch (host or device arrays) and assembles the
+      global batch split over the batch axes
+      (:func:`dsjax.sharding.place_batch`); it is jitted with explicit in/out
+      shardings and runs under ``jax.set_mesh(mesh)``, so MoE layers use
+      expert parallelism over the ``expert`` axis. Micro-batches stay split
+      over the batch axes.
+    state_shardings: a pytree like the state of ``NamedSharding``s on
+      ``mesh`` (:func:`dsjax.sharding.state_shardings`); the state is kept in
+      them. None: the shardings of the first state passed in.
 
   Returns:
     The step. Its metrics: the loss function's (mean over micro-batches),
     ``grad_norm``, ``lr`` (if ``schedule``), ``expert_load_max_over_mean``,
-    ``expert_load_min_over_mean``.
+    ``expert_load_min_over_mean``; on a mesh with an ``expert`` axis of size
+    P > 1 also ``expert_shard_load_max_over_mean``: per MoE layer, the token
+    copies each expert shard (device group) receives, max over shards / mean,
+    the largest over layers (what bounds the all-to-all and the expert
+    matmuls of the busiest device).
   """
   static_config = None if model_config is None else frozen(model_config)
   k = int(accumulation_steps)
@@ -359,6 +427,8 @@ def make_train_step(model_config: Any,
         return x.reshape((k, x.shape[0] // k) + x.shape[1:])
 
       micro = jax.tree.map(split, batch)
+      if mesh is not None:  # keep each micro-batch split over the batch axes (one cheap reshard of the inputs)
+        micro = jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, _micro_sharding(mesh, x.ndim)), micro)
       first = jax.tree.map(lambda x: x[0], micro)
       shapes = jax.eval_shape(lambda b: grads_of(params, b, rng), first)
       zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
@@ -387,10 +457,59 @@ def make_train_step(model_config: Any,
     if schedule is not None:
       metrics["lr"] = jnp.asarray(schedule(state["step"]), jnp.float32)
     metrics.update(metrics_lib.expert_load_stats(loads))
+    if mesh is not None and mesh.shape["expert"] > 1:
+      metrics.update(_expert_shard_load_stats(loads, mesh.shape["expert"]))
     new_state = dict(params=new_params, opt_state=opt_state, step=state["step"] + 1)
     return new_state, metrics
 
-  return jax.jit(step_fn, donate_argnums=0) if jit else step_fn
+  if mesh is None:
+    return jax.jit(step_fn, donate_argnums=0) if jit else step_fn
+  if not jit:
+    raise ValueError("make_train_step(mesh=...) needs jit=True")
+  return _MeshStep(step_fn, mesh, state_shardings)
+
+
+def _micro_sharding(mesh, ndim: int) -> jax.sharding.NamedSharding:
+  """[k, B / k, ...] micro-batches: the B / k rows split like a batch."""
+  spec = sharding_lib.batch_sharding(mesh, max(ndim - 1, 1)).spec
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, *spec))
+
+
+def _expert_shard_load_stats(loads: Mapping[str, jax.Array], num_shards: int) -> dict[str, jax.Array]:
+  highs = []
+  for load in loads.values():
+    if load.shape[-1] % num_shards:
+      continue  # experts not split over the `expert` axis (replicated): no per-device imbalance
+    per_shard = jnp.sum(load.reshape(load.shape[:-1] + (num_shards, -1)), axis=-1).reshape(-1, num_shards)
+    highs.append(jnp.max(per_shard, axis=-1) / jnp.maximum(jnp.mean(per_shard, axis=-1), 1e-9))
+  if not highs:
+    return {}
+  return dict(expert_shard_load_max_over_mean=jnp.max(jnp.concatenate(highs)))
+
+
+class _MeshStep:
+  """The train step on a mesh: places the batch, keeps the state in its shardings, sets the mesh."""
+
+  def __init__(self, step_fn, mesh, state_shardings):
+    self._step_fn = step_fn
+    self.mesh = mesh
+    self.state_shardings = state_shardings
+    self._jitted = {}  # batch structure -> jitted step
+
+  def __call__(self, state, batch):
+    batch = sharding_lib.place_batch(batch, self.mesh)
+    if self.state_shardings is None:
+      self.state_shardings = jax.tree.map(lambda x: x.sharding, state)
+    state = jax.device_put(state, self.state_shardings)  # no copy where already in place
+    key = (jax.tree.structure(batch), tuple(x.sharding for x in jax.tree.leaves(batch)))
+    jitted = self._jitted.get(key)
+    if jitted is None:
+      jitted = self._jitted[key] = jax.jit(
+          self._step_fn, donate_argnums=0,
+          in_shardings=(self.state_shardings, jax.tree.map(lambda x: x.sharding, batch)),
+          out_shardings=(self.state_shardings, sharding_lib.replicated(self.mesh)))
+    with jax.set_mesh(self.mesh):
+      return jitted(state, batch)
 
 
 # --------------------------------------------------------------------------
@@ -398,8 +517,28 @@ def make_train_step(model_config: Any,
 # --------------------------------------------------------------------------
 
 
-def initial_params(config: Any, model_config, rng: jax.Array) -> dict:
+def _sharded_init(init_fn: Callable[[jax.Array], Any], rng: jax.Array, shardings: Any) -> Any:
+  """``init_fn(rng)`` jitted straight into ``shardings`` (None: jitted, default placement).
+
+  An ``init_fn`` that cannot be traced (reads files, uses numpy on its
+  inputs) runs eagerly and is then placed leaf by leaf.
+  """
+  if shardings is None:
+    return jax.jit(init_fn)(rng)
+  mesh = jax.tree.leaves(shardings)[0].mesh
+  try:
+    with jax.set_mesh(mesh):
+      return jax.jit(init_fn, out_shardings=shardings)(rng)
+  except jax.errors.JAXTypeError:
+    return jax.tree.map(sharding_lib.place, init_fn(rng), shardings)
+
+
+def initial_params(config: Any, model_config, rng: jax.Array, *, shardings: Any = None) -> dict:
   """Random params, or the ones ``config.init_from`` points at (cast to the model's param dtypes).
+
+  ``shardings``: a pytree like the params of ``NamedSharding``s: the params
+  are created (random init) or placed (loaded leaves, as they are read) in
+  these shards. None: default placement.
 
   ``init_from`` is anything :func:`dsjax.load` reads: an HF checkpoint
   directory (bf16/fp32 or block-FP8), a converted Orbax checkpoint, or a dsjax
@@ -409,13 +548,14 @@ def initial_params(config: Any, model_config, rng: jax.Array) -> dict:
   start from random init.
   """
   source = _get(config, "init_from")
-  random_init = lambda: jax.jit(lambda key: init_params(model_config, key))(rng)  # noqa: E731
+  random_init = lambda: _sharded_init(lambda key: init_params(model_config, key), rng, shardings)  # noqa: E731
   if not source:
     return random_init()
   if not os.path.exists(source):
     raise FileNotFoundError(f"config.init_from={source!r}: no such file or directory")
   from dsjax.api import load  # pylint: disable=import-outside-toplevel
-  loaded = load(source).params
+  mesh = None if shardings is None else jax.tree.leaves(shardings)[0].mesh
+  loaded = load(source, mesh=mesh).params
   abstract = jax.eval_shape(lambda: init_params(model_config, jax.random.key(0)))
   want = {_names(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]}
   have = {_names(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(loaded)[0]}
@@ -435,13 +575,27 @@ def initial_params(config: Any, model_config, rng: jax.Array) -> dict:
     log.warning("config.init_from=%r has no %s: those start from random init", source,
                 sorted({p[0] for p in missing}))
   base = random_init() if missing else abstract
-  return jax.tree_util.tree_map_with_path(
+  params = jax.tree_util.tree_map_with_path(
       lambda path, leaf: jnp.asarray(have[_names(path)], leaf.dtype) if _names(path) in have else leaf, base)
+  return params if shardings is None else jax.device_put(params, shardings)
 
 
 # --------------------------------------------------------------------------
 # The loop
 # --------------------------------------------------------------------------
+
+
+def _config_mesh(mesh_config: Any, micro_batch: int) -> jax.sharding.Mesh:
+  """The mesh ``config.mesh`` describes. Left unset on one process, it is data parallel over as many
+  devices as a micro-batch splits evenly over (normally all of them; a warning says when fewer)."""
+  sizes = sharding_lib.mesh_sizes_from_config(mesh_config)
+  devices = jax.devices()
+  if sizes == {"data": -1} and jax.process_count() == 1 and micro_batch % len(devices):
+    used = max(d for d in range(1, len(devices) + 1) if micro_batch % d == 0)
+    log.warning("config.mesh is unset: data parallel over %d of the %d devices (a micro-batch of %d rows does "
+                "not split over all of them); set config.mesh to choose", used, len(devices), micro_batch)
+    return sharding_lib.make_mesh({"data": used}, devices=devices[:used])
+  return sharding_lib.make_mesh(sizes, devices)
 
 
 def _config_json(config: Any) -> dict:
@@ -472,7 +626,8 @@ def train(config: Any,
           trainable: optim.Trainable = None,
           init_params_fn: Optional[Callable[[Any, jax.Array], Any]] = None,
           batch_hook: Optional[Callable[[int, dict], dict]] = None,
-          print_fn: Optional[Callable[[str], None]] = print) -> TrainResult:
+          print_fn: Optional[Callable[[str], None]] = print,
+          mesh: Optional[jax.sharding.Mesh] = None) -> TrainResult:
   """Trains (or resumes training) up to ``config.num_steps`` optimizer steps.
 
   Args:
@@ -484,8 +639,10 @@ def train(config: Any,
     loss_fn: ``(params, batch, model_config, rng) -> (loss, metrics, aux)``;
       default: pre-training loss with ``mtp_loss_weight`` /
       ``balance_loss_alpha`` from the config.
-    dataset: iterable of batches (dicts of ``[batch_size, ...]`` arrays);
-      default: :func:`dsjax.data.make_dataset` on ``config.data``. Its iterator
+    dataset: iterable of batches (dicts of ``[batch_size, ...]`` arrays; with
+      several processes, each process's iterable yields its own
+      ``batch_size / process_count`` rows); default:
+      :func:`dsjax.data.make_dataset` on ``config.data`` (per process). Its iterator
       state is checkpointed when it is a grain iterator.
     trainable: which leaves the optimizer may update (see
       :func:`dsjax.train.optim.trainable_mask`); router biases never are.
@@ -494,11 +651,15 @@ def train(config: Any,
     batch_hook: ``(step, batch) -> batch`` applied to the host batch of step
       ``step`` (1-based) before it is used (testing, data surgery).
     print_fn: console output (one progress line per logged step).
+    mesh: a ``jax.sharding.Mesh`` with the axes of :mod:`dsjax.sharding`
+      to run on instead of the one ``config.mesh`` describes (e.g. a mesh over
+      a subset of the devices).
 
   Raises:
     NonFiniteError: a NaN/Inf loss or gradient norm (naming the step and the
       quantity); the state of that step is not saved, earlier checkpoints stay.
   """
+  distributed.maybe_initialize()  # before anything touches a device
   validate_train_config(config)
   model_config = model_config_from(config)
   if model_config.param_dtype != "float32":
@@ -515,25 +676,49 @@ def train(config: Any,
   accumulation_steps = opt_cfg.accumulation_steps
   opt_cfg.accumulation_steps = 1  # the train step accumulates itself
   primary = jax.process_index() == 0
+  if mesh is None:
+    mesh = _config_mesh(_get(config, "mesh"), batch_size // accumulation_steps)
+  shards = sharding_lib.batch_shards(mesh)
+  if batch_size % (accumulation_steps * shards):
+    raise ValueError(f"config.batch_size={batch_size}: must be divisible by optimizer.accumulation_steps="
+                     f"{accumulation_steps} x the mesh's batch shards (data x fsdp x expert = {shards}), so that "
+                     f"every micro-batch splits evenly over the devices (mesh {dict(mesh.shape)})")
+  if shards % jax.process_count():
+    raise ValueError(f"config.mesh: the batch is split {shards} ways, which does not divide among "
+                     f"{jax.process_count()} processes; put process-spanning devices on data/fsdp/expert "
+                     f"(mesh {dict(mesh.shape)})")
 
+  dsa = _as_dict(_get(config, "dsa"))
+  dsa_stage = dsa.get("stage", "")
+  if dsa_stage in ("warmup", "sparse") and not model_config.use_indexer:
+    raise ValueError(f"config.dsa.stage={dsa_stage!r} needs a model with an indexer (model.use_indexer=True, "
+                     "e.g. a V3.2 preset)")
   if loss_fn is None:
     loss_fn = losses_lib.make_pretraining_loss(_get(config, "mtp_loss_weight"),
-                                               _get(config, "balance_loss_alpha"))
+                                               _get(config, "balance_loss_alpha"), dsa_stage=dsa_stage,
+                                               indexer_loss_weight=dsa.get("indexer_loss_weight", 1.0))
+  if trainable is None and dsa_stage == "warmup":
+    trainable = optim.indexer_only
   if dataset is None:
-    dataset = make_dataset(_get(config, "data"), seq_len=seq_len, batch_size=batch_size, seed=seed,
-                           process_index=jax.process_index(), process_count=jax.process_count())
+    # Each process reads its own documents and rows; the step assembles the global batch.
+    dataset = make_dataset(_get(config, "data"), seq_len=seq_len, batch_size=batch_size // jax.process_count(),
+                           seed=seed, process_index=jax.process_index(), process_count=jax.process_count())
   iterator = iter(dataset)
   checkpointable_data = hasattr(iterator, "get_state") and hasattr(iterator, "set_state")
 
   os.makedirs(workdir, exist_ok=True)
-  if init_params_fn is None:
-    make_params = lambda mc, rng: initial_params(config, mc, rng)  # noqa: E731
-    abstract_params = jax.eval_shape(lambda: init_params(model_config, _init_key(seed)))
-  else:
-    make_params = init_params_fn
-    abstract_params = jax.eval_shape(lambda: init_params_fn(model_config, _init_key(seed)))
+  init_fn = init_params if init_params_fn is None else init_params_fn
+  abstract_params = jax.eval_shape(lambda: init_fn(model_config, _init_key(seed)))
   tx = optim.make_optimizer(opt_cfg, abstract_params, trainable)
   mask = optim.trainable_mask(abstract_params, trainable)
+  params_shardings = sharding_lib.shardings_for(abstract_params, model_config, mesh)
+  abstract_state = jax.eval_shape(lambda p: init_train_state(p, tx), abstract_params)
+  state_shardings = sharding_lib.state_shardings(abstract_state, params_shardings, mesh)
+  if init_params_fn is None:
+    make_params = lambda mc, rng: initial_params(config, mc, rng, shardings=params_shardings)  # noqa: E731
+  else:
+    make_params = lambda mc, rng: _sharded_init(lambda key: init_params_fn(mc, key), rng,  # noqa: E731
+                                                params_shardings)
   config_json = _config_json(config)
 
   checkpointer = checkpoint_lib.Checkpointer(workdir, keep=keep,
@@ -542,13 +727,16 @@ def train(config: Any,
   try:
     start_step = checkpointer.latest_step()
     if start_step is not None:
-      abstract_state = jax.eval_shape(lambda p: init_train_state(p, tx), abstract_params)
-      state = checkpointer.restore(start_step, abstract_state,
+      # Restored straight into this run's shardings, whatever mesh wrote the checkpoint.
+      target = jax.tree.map(lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s),
+                            abstract_state, state_shardings)
+      state = checkpointer.restore(start_step, target,
                                    data_iterator=iterator if checkpointable_data else None)
       start_step = int(state["step"])
       resumed = True
     else:
-      state = init_train_state(make_params(model_config, _init_key(seed)), tx)
+      state = jax.jit(lambda p: init_train_state(p, tx), out_shardings=state_shardings)(
+          make_params(model_config, _init_key(seed)))
       start_step = 0
       resumed = False
       if primary:
@@ -557,7 +745,7 @@ def train(config: Any,
 
     writer = metrics_lib.MetricsWriter(workdir, resume_step=start_step,
                                        tensorboard=bool(_get(config, "tensorboard")),
-                                       print_fn=print_fn, primary=primary)
+                                       print_fn=print_fn if primary else None, primary=primary)
     if resumed:
       writer.message(f"Resuming from step {start_step} ({checkpointer.step_dir(start_step)})"
                      + ("" if checkpointable_data else "; the data iterator has no state: it restarts"))
@@ -566,8 +754,11 @@ def train(config: Any,
       return TrainResult(start_step, state, {}, model_config)
 
     train_step = make_train_step(model_config, loss_fn, tx, seed=seed, accumulation_steps=accumulation_steps,
-                                 router_bias_update_rate=_get(config, "router_bias_update_rate"),
-                                 schedule=optim.make_schedule(opt_cfg), trainable_mask=mask)
+                                 # The warm-up freezes everything but the indexers, router biases too.
+                                 router_bias_update_rate=0.0 if dsa_stage == "warmup"
+                                 else _get(config, "router_bias_update_rate"),
+                                 schedule=optim.make_schedule(opt_cfg), trainable_mask=mask, mesh=mesh,
+                                 state_shardings=state_shardings)
     throughput = metrics_lib.Throughput(num_steps)
     last_saved = checkpointer.latest_step()
     step = start_step
@@ -583,7 +774,7 @@ def train(config: Any,
         break
       if batch_hook is not None:
         batch = batch_hook(step + 1, batch)
-      tokens = _batch_tokens(batch)
+      tokens = _batch_tokens(batch) * jax.process_count()  # every process reads as many rows
       state, metrics = train_step(state, batch)
       step += 1
       save_now = step % checkpoint_every == 0 or step == num_steps

@@ -23,6 +23,20 @@ Pre-training (DeepSeek-V3 report, sections 2.1.2 and 2.2)::
            + balance_loss_alpha * sum over MoE layers of balance_loss
 
 Every cross-entropy is a mean over the positions whose target counts.
+
+DeepSeek Sparse Attention stages (V3.2 report, section 2.1; ``dsa_stage``)::
+
+    "warmup": loss = indexer_loss_weight * indexer_kl      (dense attention;
+              only the indexer is trained: everything else is frozen)
+    "sparse": loss = the pre-training loss + indexer_loss_weight * indexer_kl
+              (top-k attention; the indexer's input is detached, so the KL
+              trains only the indexer and the LM terms only the model)
+
+``indexer_kl`` is the mean over indexer layers of each layer's mean over
+queries of KL(p[t] || softmax(I[t])), where p is the main attention's
+probability summed over heads and L1-normalised (over all visible keys in
+"warmup", over the selected keys S_t in "sparse"). ``topk_attention_recall``
+(logged) is the share of the dense attention mass inside S_t.
 """
 
 from __future__ import annotations
@@ -41,6 +55,8 @@ __all__ = [
     "cross_entropy",
     "mtp_targets",
     "balance_loss_sum",
+    "DSA_STAGES",
+    "indexer_stats",
     "pretraining_loss",
     "make_pretraining_loss",
 ]
@@ -122,18 +138,38 @@ def balance_loss_sum(aux: dict) -> jax.Array:
   return total
 
 
+# "" (or None): the model's own attention (top-k sparse when it has an indexer);
+# "dense": dense attention, indexer unused (e.g. a dense phase before the warm-up).
+DSA_STAGES = ("", "dense", "warmup", "sparse")
+
+
+def indexer_stats(aux: dict) -> tuple[jax.Array, jax.Array]:
+  """(mean indexer KL, mean top-k attention recall) over every indexer layer in ``aux``."""
+  kl = [jnp.ravel(stats["indexer_kl"]) for stats in aux.values() if "indexer_kl" in stats]
+  if not kl:
+    raise ValueError("the model reported no indexer statistics: dsa_stage 'warmup' and 'sparse' need a "
+                     "model with an indexer (model.use_indexer=True, a V3.2 preset)")
+  recall = [jnp.ravel(stats["topk_attention_recall"]) for stats in aux.values() if "indexer_kl" in stats]
+  return (jnp.mean(jnp.concatenate(kl).astype(jnp.float32)),
+          jnp.mean(jnp.concatenate(recall).astype(jnp.float32)))
+
+
 def pretraining_loss(params, batch: dict, model_config, rng: jax.Array | None = None, *,
-                     mtp_loss_weight: float = 0.3, balance_loss_alpha: float = 1e-4):
-  """Next-token CE + weighted MTP CE + weighted balance loss (see the module doc).
+                     mtp_loss_weight: float = 0.3, balance_loss_alpha: float = 1e-4,
+                     dsa_stage: str | None = None, indexer_loss_weight: float = 1.0):
+  """Next-token CE + weighted MTP CE + weighted balance loss (see the module doc),
+  or a DSA stage's loss when ``dsa_stage`` is "warmup" / "sparse".
 
   Returns ``(loss, metrics, aux)`` with metrics ``loss``, ``lm_loss``,
   ``mtp_loss`` (mean over modules of their CE; 0 without MTP), ``balance_loss``
   (unweighted sum over layers) and ``target_tokens`` (positions counted by the
-  main CE).
+  main CE); in a DSA stage also ``indexer_kl`` and ``topk_attention_recall``.
   """
   del rng  # the model has no dropout
+  if (dsa_stage or "") not in DSA_STAGES:
+    raise ValueError(f"dsa_stage={dsa_stage!r}: expected one of {DSA_STAGES}")
   out = forward(params, batch["tokens"], model_config, segment_ids=batch["segment_ids"],
-                positions=batch.get("positions"))
+                positions=batch.get("positions"), dsa_stage=dsa_stage or None)
   loss_mask = batch["loss_mask"].astype(jnp.float32)
   lm_loss = cross_entropy(out.logits, batch["targets"], loss_mask)
 
@@ -147,18 +183,28 @@ def pretraining_loss(params, batch: dict, model_config, rng: jax.Array | None = 
 
   balance = balance_loss_sum(out.aux)
   loss = lm_loss + mtp_loss_weight * mtp_loss + balance_loss_alpha * balance
-  metrics = dict(loss=loss, lm_loss=lm_loss, mtp_loss=mtp_loss, balance_loss=balance,
-                 target_tokens=jnp.sum(loss_mask))
+  metrics = dict(lm_loss=lm_loss, mtp_loss=mtp_loss, balance_loss=balance, target_tokens=jnp.sum(loss_mask))
+  if dsa_stage in ("warmup", "sparse"):
+    kl, recall = indexer_stats(out.aux)
+    metrics.update(indexer_kl=kl, topk_attention_recall=recall)
+    # Warm-up trains only the indexer, which the (dense) LM loss cannot reach.
+    loss = indexer_loss_weight * kl + (0.0 if dsa_stage == "warmup" else loss)
+  metrics["loss"] = loss
   return loss, metrics, out.aux
 
 
-def make_pretraining_loss(mtp_loss_weight: float = 0.3, balance_loss_alpha: float = 1e-4) -> LossFn:
+def make_pretraining_loss(mtp_loss_weight: float = 0.3, balance_loss_alpha: float = 1e-4,
+                          dsa_stage: str | None = None, indexer_loss_weight: float = 1.0) -> LossFn:
   """:func:`pretraining_loss` with its weights bound: a ``loss_fn`` for the loop."""
   mtp_loss_weight = float(mtp_loss_weight)
   balance_loss_alpha = float(balance_loss_alpha)
+  indexer_loss_weight = float(indexer_loss_weight)
+  if (dsa_stage or "") not in DSA_STAGES:
+    raise ValueError(f"dsa_stage={dsa_stage!r}: expected one of {DSA_STAGES}")
 
   def loss_fn(params, batch, model_config, rng):
     return pretraining_loss(params, batch, model_config, rng, mtp_loss_weight=mtp_loss_weight,
-                            balance_loss_alpha=balance_loss_alpha)
+                            balance_loss_alpha=balance_loss_alpha, dsa_stage=dsa_stage,
+                            indexer_loss_weight=indexer_loss_weight)
 
   return loss_fn

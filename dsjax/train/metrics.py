@@ -88,7 +88,8 @@ def format_progress(step: int, num_steps: int, metrics: Mapping[str, float], eta
   width = len(str(num_steps))
   parts = [f"step {step:>{width}}/{num_steps}"]
   for key, label in (("loss", "loss"), ("loss_avg", "avg"), ("lm_loss", "lm"), ("mtp_loss", "mtp"),
-                     ("balance_loss", "bal")):
+                     ("balance_loss", "bal"), ("indexer_kl", "indexer kl"),
+                     ("topk_attention_recall", "top-k recall")):
     if key in metrics:
       parts.append(f"{label} {metrics[key]:.4f}")
   if "grad_norm" in metrics:

@@ -39,6 +39,7 @@ __all__ = [
     "default_optimizer_config",
     "validate_optimizer_config",
     "make_schedule",
+    "indexer_only",
     "weight_decay_mask",
     "trainable_mask",
     "make_optimizer",
@@ -285,6 +286,11 @@ def _path_names(path) -> tuple[str, ...]:
     else:
       names.append(str(key))
   return tuple(names)
+
+
+def indexer_only(names: tuple[str, ...]) -> bool:
+  """A ``trainable`` predicate: only the lightning indexers' parameters (the DSA warm-up)."""
+  return "indexer" in names
 
 
 def weight_decay_mask(params: Any) -> Any:
