@@ -11,6 +11,7 @@ import jax
 import numpy as np
 import pytest
 
+from dsjax import sharding
 from dsjax.train import checkpoint as ckpt
 from dsjax.train import dsa, loop, metrics
 
@@ -20,6 +21,11 @@ if str(REPO_ROOT) not in sys.path:
 
 
 DENSE_STEPS = 60
+
+
+def _one_device():
+  # conftest fakes 8 CPU devices; these runs test the recipe, not data parallelism (test_sharding.py).
+  return sharding.make_mesh({"data": 1}, jax.devices()[:1])
 
 
 def _config(name, **overrides):
@@ -52,7 +58,7 @@ def warmup_run(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("dsa_warmup"))
   lines = []
   config = _config("dsa_warmup", **{"dsa.dense_pretrain_steps": DENSE_STEPS})
-  result = dsa.train_stage(config, workdir, print_fn=lines.append)
+  result = dsa.train_stage(config, workdir, print_fn=lines.append, mesh=_one_device())
   return workdir, result, lines
 
 
@@ -92,7 +98,7 @@ def test_sparse_stage_from_init_from(warmup_run, tmp_path):
   lines = []
   config = _config("dsa_sparse", init_from=warm, num_steps=12, log_every=4, checkpoint_every=12,
                    **{"optimizer.decay_steps": 12, "optimizer.warmup_steps": 2})
-  result = dsa.train_stage(config, str(tmp_path), print_fn=lines.append)
+  result = dsa.train_stage(config, str(tmp_path), print_fn=lines.append, mesh=_one_device())
   assert result.step == 12
   assert not os.path.exists(tmp_path / dsa.DENSE_PRETRAIN_DIR)  # init_from given: no dense phase
   entries = metrics.read_metrics(str(tmp_path))

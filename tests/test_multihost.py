@@ -112,6 +112,11 @@ def test_checkpoint_written_by_two_processes_restores(two_process_run, one_proce
     assert int(restored["step"]) == 4
     for got, want in zip(jax.tree.leaves(restored["params"]), jax.tree.leaves(reference["params"])):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-5)
+    # Resuming (data position included) in one process is refused with the reason, not a grain error.
+    data = iter(make_dataset(None, seq_len=16, batch_size=2, seed=0))
+    with checkpoint_lib.Checkpointer(str(workdir)) as checkpointer:
+        with pytest.raises(ValueError, match=r"process_0-of-1.json: it was written by another number of processes"):
+            checkpointer.restore(4, target, data_iterator=data)
 
 
 def test_cluster_detection_from_the_environment():

@@ -270,9 +270,18 @@ class Checkpointer:
     target = jax.tree.map(_fill_sharding, abstract_state)
     items = {STATE_ITEM: ocp.args.StandardRestore(target)}
     if data_iterator is not None:
-      if not (self.step_dir(step) / DATA_ITEM).exists():
+      data_dir = self.step_dir(step) / DATA_ITEM
+      if not data_dir.exists():
         raise ValueError(
             f"Checkpoint {self.step_dir(step)} has no data-iterator state.")
+      # grain keeps one position per process: resuming needs the same process count.
+      mine = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+      if not (data_dir / mine).exists():
+        saved = sorted(p.name for p in data_dir.iterdir() if p.name.startswith("process_"))
+        raise ValueError(
+            f"Checkpoint {self.step_dir(step)} holds the data-iterator positions {saved}, not {mine}: it was "
+            f"written by another number of processes than this run's {jax.process_count()}. Resume with the "
+            "same number of processes, or start a new workdir from its params with config.init_from.")
       items[DATA_ITEM] = grain.checkpoint.CheckpointRestore(data_iterator)
     restored = self._manager.restore(step, args=ocp.args.Composite(**items))
     return restored[STATE_ITEM]
