@@ -96,23 +96,32 @@ def test_backend_resolution_on_cpu():
     assert be.resolve("pallas_gpu") == be.Backend("gpu", True)
     tpu = be.resolve("pallas_tpu")
     assert tpu.kind == "tpu" and isinstance(tpu.interpret, pltpu.InterpretParams)
-    assert not be.resolve("pallas").compiled_for_gpu
+    assert not be.resolve("pallas").compiled_for_gpu and not tpu.compiled_for_tpu
+    assert be.resolve("pallas").gpu_params() is None  # interpreted: no Triton params
+    assert be.Backend("gpu", False).compiled_for_gpu and be.Backend("tpu", False).compiled_for_tpu
+    assert be.pow2_parts(576) == [512, 64] and be.pow2_parts(24, 16) == [32]
     with pytest.raises(ValueError):
         be.resolve("triton")
 
 
-def test_bitonic_network_sorts_and_merges_with_index_tie_break():
+@pytest.mark.parametrize("style", ["pairs", "roll"])  # GPU (Triton) and TPU (pltpu.roll) partner fetch
+def test_bitonic_network_sorts_and_merges_with_index_tie_break(style):
     rng = np.random.default_rng(0)
-    v = jnp.asarray(rng.integers(0, 4, (5, 64)).astype(np.float32))  # many ties
-    i = jnp.asarray(rng.permutation(64 * 5).reshape(5, 64).astype(np.int32))
-    sv, si = _call(bitonic_sort, v, i)
+    v = jnp.asarray(rng.integers(0, 4, (5, 32)).astype(np.float32))  # many ties
+    v = v.at[:, :3].set(-jnp.inf)  # empty slots score -inf
+    i = jnp.asarray(rng.permutation(32 * 5).reshape(5, 32).astype(np.int32))
+    sv, si = _call(bitonic_sort, v, i, style=style)
     order = np.lexsort((np.asarray(i), -np.asarray(v)), axis=-1)
     np.testing.assert_array_equal(si, np.take_along_axis(np.asarray(i), order, -1))
     np.testing.assert_array_equal(sv, np.take_along_axis(np.asarray(v), order, -1))
-    v2, i2 = _call(bitonic_sort, v[:, ::-1] + 0.5, i + 1000)
-    mv, mi = _call(merge_sorted, sv, si, v2, i2)
+    av, ai = _call(bitonic_sort, v, i, ascending=True, style=style)  # the exact reverse order
+    np.testing.assert_array_equal(ai, np.asarray(si)[:, ::-1])
+    v2, i2 = _call(bitonic_sort, v[:, ::-1] + 0.5, i + 1000, style=style)
     all_v, all_i = np.concatenate([sv, v2], -1), np.concatenate([si, i2], -1)
-    order = np.lexsort((all_i, -all_v), axis=-1)[:, :64]
+    order = np.lexsort((all_i, -all_v), axis=-1)[:, :32]
+    mv, mi = _call(merge_sorted, sv, si, v2, i2, style=style)
+    np.testing.assert_array_equal(mi, np.take_along_axis(all_i, order, -1))
+    mv, mi = _call(merge_sorted, sv, si, v2[:, ::-1], i2[:, ::-1], b_ascending=True, style=style)
     np.testing.assert_array_equal(mi, np.take_along_axis(all_i, order, -1))
 
 
@@ -121,10 +130,11 @@ def test_bitonic_network_sorts_and_merges_with_index_tie_break():
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("impl", ["xla", "xla_chunked", "pallas"])
+@pytest.mark.parametrize("impl", ["xla", "xla_chunked", "pallas", "pallas_key_chunks", "pallas_tpu"])
 def test_indexer_topk_exact_ties_match_brute_force(impl):
     """Integer inputs: exact scores, many ties (ReLU zeros, repeated keys); packed documents,
-    early queries with fewer than k keys (-1 slots), T not a multiple of the blocks, H = 3."""
+    early queries with fewer than k keys (-1 slots), T not a multiple of the blocks, H = 3.
+    pallas_key_chunks: the GPU kernel scores each key block in 4 matmul chunks."""
     batch, length, heads, dim, topk = 2, 75, 3, 16, 24
     q, k, w = _integer_inputs(1, batch, length, heads, dim)
     k = k.at[:, 40:50].set(k[:, 30:40])  # duplicated keys: equal scores at different indices
@@ -133,8 +143,9 @@ def test_indexer_topk_exact_ties_match_brute_force(impl):
     if impl == "xla_chunked":  # the reference, 16 queries at a time (75 is not a multiple of 16)
         idx, vals = _call(indexer_topk_reference, q, k, w, seg, topk=topk, return_scores=True, query_chunk=16)
     else:
-        idx, vals = _call(indexer_topk, q, k, w, seg, topk=topk, return_scores=True, impl=impl, block_t=16,
-                          block_s=32)
+        chunks = dict(impl="pallas", key_chunk=8) if impl == "pallas_key_chunks" else dict(impl=impl)
+        idx, vals = _call(indexer_topk, q, k, w, seg, topk=topk, return_scores=True, block_t=16, block_s=32,
+                          **chunks)
     mask = _dense_mask(seg)
     naive = _naive_index_scores(q, k, w, mask, scale)
     expected = _brute_topk(naive, topk)
@@ -165,7 +176,7 @@ def test_indexer_topk_pallas_matches_reference_random_long():
     seg = _segments(batch, length, [700, 1500])
     ref_idx, ref_val = _call(indexer_topk_reference, q, k, w, seg, topk=topk, return_scores=True)
     idx, val = jax.jit(lambda *a: indexer_topk(*a, topk=topk, return_scores=True, impl="pallas", block_t=64,
-                                               block_s=256))(q, k, w, seg)
+                                               block_s=128))(q, k, w, seg)
     idx, val, ref_idx, ref_val = (np.asarray(x) for x in (idx, val, ref_idx, ref_val))
     np.testing.assert_allclose(val, ref_val, rtol=1e-5, atol=1e-5)
     assert (idx == ref_idx).mean() > 0.999
@@ -277,10 +288,12 @@ def _sparse_pallas_vs_reference(impl, seed, shape, blocks, **kw):
         np.testing.assert_allclose(g_got, g_ref, atol=1e-5)
 
 
-@pytest.mark.parametrize("shape", [(2, 45, 3, 16, 8, 20), (1, 9, 2, 8, 0, 4)], ids=["mla", "no-rope"])
-def test_sparse_mla_gpu_style_kernel_fwd_bwd(shape):
+@pytest.mark.parametrize("shape,head_block", [((2, 45, 3, 16, 8, 20), None), ((1, 9, 2, 8, 0, 4), None),
+                                              ((1, 13, 4, 16, 8, 6), 2)], ids=["mla", "no-rope", "head-blocks"])
+def test_sparse_mla_gpu_style_kernel_fwd_bwd(shape, head_block):
     # T = 45 is not a multiple of block_t = 8; K = 20 not a multiple of block_k = 8; H = 3.
-    _sparse_pallas_vs_reference("pallas", 7, shape, (8, 8))
+    # head-blocks: a grid axis over 2 blocks of 2 heads (dkv: both blocks add into the same rows).
+    _sparse_pallas_vs_reference("pallas", 7, shape, (8, 8), head_block=head_block)
 
 
 def test_sparse_mla_tpu_style_kernel_fwd_bwd_interpret():
@@ -346,8 +359,9 @@ def _selected_mask(idx, keys):
     return mask
 
 
-@pytest.mark.parametrize("impl", ["xla", "pallas", "pallas_tpu"])
+@pytest.mark.parametrize("impl", ["xla", "pallas", "pallas_head_blocks", "pallas_tpu"])
 def test_attention_target_dense_matches_naive(impl):
+    """pallas_head_blocks: GPU style, heads (3, zero-padded to 4) in 2 matmul blocks of 2."""
     batch, length, heads, dk = 2, 45, 3, 24
     rng = _rng(12)
     q = jnp.asarray(rng.standard_normal((batch, length, heads, dk)), jnp.float32)
@@ -356,6 +370,8 @@ def test_attention_target_dense_matches_naive(impl):
     scale = 0.3
     probs, lse = _np_head_probs(q, kv, _dense_mask(seg), scale)
     kw = dict(scale=scale, impl=impl, block_t=16, block_s=16)
+    if impl == "pallas_head_blocks":
+        kw.update(impl="pallas", head_block=2)
     p = _call(attention_target, q, kv, seg, **kw)
     np.testing.assert_allclose(p, probs.mean(1), atol=1e-6)
     np.testing.assert_allclose(p.sum(-1), 1.0, atol=1e-5)
@@ -364,15 +380,19 @@ def test_attention_target_dense_matches_naive(impl):
     np.testing.assert_array_equal(grad, 0.0)  # a target: stop_gradient
 
 
-@pytest.mark.parametrize("impl", ["xla", "pallas"])
+@pytest.mark.parametrize("impl", ["xla", "pallas", "pallas_head_blocks", "pallas_tpu"])
 def test_attention_target_at_indices(impl):
-    batch, length, heads, dv, rope, topk = 2, 37, 3, 16, 8, 9
+    # pallas_head_blocks: GPU style, heads (3, padded to 4) in 2 programs whose shares are added.
+    # The TPU style simulates one DMA per gathered row: a smaller case.
+    batch, length, heads, dv, rope, topk = (1, 11, 3, 16, 8, 5) if impl == "pallas_tpu" else (2, 37, 3, 16, 8, 9)
     q, kv, idx = _sparse_case(13, batch, length, heads, dv, rope, topk)
     scale = 0.3
     idx_np = np.asarray(idx)
     take = lambda full: np.where(idx_np >= 0, np.take_along_axis(full, np.maximum(idx_np, 0), -1), 0.0)
     probs, lse = _np_head_probs(q, kv, _dense_mask(np.ones((batch, length), np.int32)), scale)
     kw = dict(scale=scale, impl=impl, block_t=8, block_k=4)
+    if impl == "pallas_head_blocks":
+        kw.update(impl="pallas", head_block=2)
     # dense probabilities read at the selected keys
     at = _call(attention_target_at, q, kv, idx, lse=jnp.asarray(lse, jnp.float32), normalize=False, **kw)
     np.testing.assert_allclose(at, take(probs.mean(1)), atol=1e-6)
@@ -386,3 +406,44 @@ def test_attention_target_at_indices(impl):
     _, sparse_lse = _call(sparse_mla, q, kv, idx, scale=scale, dv=dv, return_lse=True)
     again = _call(attention_target_at, q, kv, idx, lse=sparse_lse, normalize=False, **kw)
     np.testing.assert_allclose(again, own, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# The real-hardware plans (block sizes and paddings), run interpreted.
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def hardware_plans(monkeypatch):
+    """Kernels pick the block sizes and paddings they use when compiled for a GPU / TPU (powers
+    of two >= 16, one query per program, head blocks, 128-lane tiles, ...) but still run
+    interpreted: those plans are checked numerically here (test_kernel_lowering only lowers them)."""
+    monkeypatch.setattr(be.Backend, "compiled_for_gpu", property(lambda self: self.kind == "gpu"))
+    monkeypatch.setattr(be.Backend, "compiled_for_tpu", property(lambda self: self.kind == "tpu"))
+    monkeypatch.setattr(be.Backend, "gpu_params", lambda self, **kw: None)
+
+
+@pytest.mark.parametrize("impl", ["pallas_gpu", "pallas_tpu"])
+def test_hardware_plans_match_references(hardware_plans, impl):
+    batch, length, heads = 1, 29, 3
+    # indexer: d = 12 (GPU: padded to 16), K = 12 (padded to 16; TPU: 128)
+    q, k, w = _integer_inputs(14, batch, length, heads, 12)
+    seg = _segments(batch, length, [19])
+    idx = _call(indexer_topk, q, k, w, seg, topk=12, scale=0.25, impl=impl)
+    naive = _naive_index_scores(q, k, w, _dense_mask(seg), 0.25)
+    np.testing.assert_array_equal(np.asarray(idx), _brute_topk(naive, 12))
+    # dense targets: Dk = 24 (GPU: one 32-wide part), H = 3 (GPU: padded to 4)
+    rng = _rng(15)
+    q = jnp.asarray(rng.standard_normal((batch, length, heads, 24)), jnp.float32)
+    kv = jnp.asarray(rng.standard_normal((batch, length, 24)), jnp.float32)
+    probs, lse = _np_head_probs(q, kv, _dense_mask(seg), 0.3)
+    np.testing.assert_allclose(_call(attention_target, q, kv, seg, scale=0.3, impl=impl), probs.mean(1), atol=1e-6)
+    np.testing.assert_allclose(_call(attention_lse, q, kv, seg, scale=0.3, impl=impl), lse, atol=2e-6)
+    # sparse: H = 3 (GPU: 16 in one head block), dv 16 + rope 8 (GPU: 16 + 16), K = 6 (GPU: 16)
+    _sparse_pallas_vs_reference(impl, 16, (1, 13, 3, 16, 8, 6), (None, None))
+    q, kv, idx = _sparse_case(17, 1, 13, 3, 16, 8, 6)
+    for lse in [None, jnp.asarray(_np_head_probs(q, kv, _dense_mask(jnp.ones((1, 13), jnp.int32)), 0.3)[1],
+                                  jnp.float32)]:
+        kw = dict(scale=0.3, lse=lse, normalize=False)
+        np.testing.assert_allclose(_call(attention_target_at, q, kv, idx, impl=impl, **kw),
+                                   _call(attention_target_at, q, kv, idx, **kw), atol=1e-6)

@@ -1,5 +1,7 @@
 """Meshes, logical-axis rules, sharded init, expert parallelism, training, checkpoints and loading on 8 CPU devices."""
 
+import functools
+import re
 import shutil
 
 import jax
@@ -276,3 +278,110 @@ def test_accumulated_step_on_a_mesh_equals_the_plain_step():
     per_shard = load.reshape(4, 2).sum(-1)
     np.testing.assert_allclose(float(got["expert_shard_load_max_over_mean"]), per_shard.max() / per_shard.mean())
     assert "expert_shard_load_max_over_mean" not in want
+
+
+# ------------------------------------------------------------------ DSA kernels per batch shard
+
+# 8 rows (one per device of the 2 x 2 x 2 data/fsdp/expert mesh) of T = 12 tokens: packed
+# documents, padding, single documents.
+DSA_SEGMENTS = np.array([[1] * 5 + [2] * 7] * 4 + [[1] * 12] * 2 + [[0] * 3 + [1] * 9] * 2)
+DSA_MESH = {"data": 2, "fsdp": 2, "expert": 2}
+
+
+def _dsa_config(impl):
+    return dsjax.make_config("tiny_v32", num_layers=1, num_mtp_layers=0, index_topk=5, attention_impl=impl)
+
+
+@functools.lru_cache(maxsize=None)
+def _dsa_params():
+    """Random parameters without compiling `init_params`: weights ~ N(0, 0.1^2), norm scales ~ 1."""
+    from dsjax.model.transformer import abstract_params
+
+    rng = np.random.default_rng(0)
+
+    def draw(path, leaf):
+        center = 1.0 if jax.tree_util.keystr(path).endswith("['scale']") else 0.0
+        return jnp.asarray(center + 0.1 * rng.standard_normal(leaf.shape), jnp.float32)
+
+    return jax.tree_util.tree_map_with_path(draw, abstract_params(_dsa_config("xla")))
+
+
+def _dsa_sparse_stage_step(config):
+    """jitted params, tokens, segment_ids -> (gradient of LM proxy + indexer KL, (logits, indexer KL))
+    in the sparse DSA stage: every kernel but the warm-up's `attention_target` runs."""
+    from dsjax.model.transformer import forward
+
+    def loss(params, tokens, segment_ids):
+        out = forward(params, tokens, config, segment_ids=segment_ids, dsa_stage="sparse")
+        kl = jnp.sum(out.aux["dense_layers"]["indexer_kl"])  # the one layer's
+        return jnp.mean(jax.nn.log_softmax(out.logits)[..., 3]) + kl, (out.logits, kl)
+
+    return jax.jit(jax.grad(loss, has_aux=True))
+
+
+def _full_batch_all_gathers(hlo_text, batch, length):
+    """(op_name, result shape) of every all-gather in compiled HLO whose result starts with the
+    global [batch, length] (all-gathers combined into a tuple: each element)."""
+    found = []
+    for line in hlo_text.splitlines():
+        if " all-gather(" not in line and " all-gather-start(" not in line:
+            continue
+        result_type = line.split("=", 1)[1].split("all-gather", 1)[0]
+        op_name = re.search(r'op_name="([^"]*)"', line)
+        for dims in re.findall(r"\[([\d,]*)\]", result_type):
+            shape = tuple(int(d) for d in dims.split(",") if d)
+            if shape[:2] == (batch, length):
+                found.append((op_name.group(1) if op_name else "", shape))
+    return found
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+def test_dsa_kernels_run_per_batch_shard(impl):
+    """A V3.2 model on an 8-device mesh: the DSA kernels run inside shard_map on each device's rows
+    (`dsjax.model.mla._per_batch_shard`), so logits, the sparse stage's indexer KL and all gradients
+    equal the one-device run, and XLA gathers no full-batch attention activation to every device
+    (without shard_map it gathers the queries, latents and index scores for the kernels)."""
+    config, params = _dsa_config(impl), _dsa_params()
+    tokens = jnp.asarray(np.random.default_rng(0).integers(1, config.vocab_size, DSA_SEGMENTS.shape))
+    segment_ids = jnp.asarray(DSA_SEGMENTS)
+    step = _dsa_sparse_stage_step(config)
+    want_grads, (want_logits, want_kl) = step(params, tokens, segment_ids)
+
+    mesh = sharding.make_mesh(DSA_MESH)
+    sharded = jax.device_put(params, sharding.param_shardings(config, mesh))
+    batch = [jax.device_put(x, sharding.batch_sharding(mesh)) for x in (tokens, segment_ids)]
+    with jax.set_mesh(mesh):
+        compiled = step.lower(sharded, *batch).compile()
+        grads, (logits, kl) = compiled(sharded, *batch)
+    np.testing.assert_allclose(logits, want_logits, rtol=1e-5, atol=1e-5 * float(np.abs(want_logits).max()))
+    assert float(want_kl) > 1e-3
+    np.testing.assert_allclose(kl, want_kl, rtol=1e-5)
+    for path, want in jax.tree_util.tree_leaves_with_path(want_grads):
+        got = dict(jax.tree_util.tree_leaves_with_path(grads))[path]
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(np.abs(want).max()),
+                                   err_msg=jax.tree_util.keystr(path))
+
+    hlo = compiled.as_text()
+    assert re.search(r'all-gather.*op_name="[^"]*/attention/', hlo)  # the FSDP weight gathers: names are there
+    gathered = _full_batch_all_gathers(hlo, *DSA_SEGMENTS.shape)
+    assert not [(name, shape) for name, shape in gathered if "/attention/" in name], gathered
+
+
+def test_dsa_decoding_on_a_mesh():
+    """Generation of a V3.2 model under a mesh: prefill and decode steps run `indexer_topk` /
+    `sparse_mla` per batch shard (keyword operands: the key segments and the traced cache column as
+    q_offset; 4 rows split over `data` only); greedy tokens and logits equal the one-device run. The
+    "xla" kernels: the shard_map path is the same for both impls, and they compile faster."""
+    from dsjax.api import LanguageModel
+    from dsjax.generate import left_pad
+
+    config, params = _dsa_config("xla"), _dsa_params()
+    rng = np.random.default_rng(2)
+    prompts, lengths = left_pad([rng.integers(0, 259, n) for n in (9, 5, 7, 6)])
+    run = lambda lm: lm.generate(prompts, 4, temperature=0.0, prompt_lengths=lengths, return_logits=True)  # noqa: E731
+    want = run(LanguageModel(config, params))
+    mesh = sharding.make_mesh({"data": 2, "expert": 4})  # 4 rows: split over `data` only
+    got = run(LanguageModel(config, jax.device_put(params, sharding.param_shardings(config, mesh)), mesh))
+    assert prompts.shape[1] + 4 > config.index_topk
+    np.testing.assert_array_equal(got.tokens, want.tokens)
+    np.testing.assert_allclose(got.logits, want.logits, rtol=1e-5, atol=1e-5 * float(np.abs(want.logits).max()))

@@ -39,6 +39,24 @@ class Backend:
         """True when the kernel is really lowered through Triton (not interpreted)."""
         return self.kind == "gpu" and self.interpret is False
 
+    @property
+    def compiled_for_tpu(self) -> bool:
+        """True when the kernel is really lowered through Mosaic TPU (not interpreted)."""
+        return self.kind == "tpu" and self.interpret is False
+
+    def gpu_params(self, num_warps: int = 4, num_stages: int = 2):
+        """Triton compiler params for a compiled GPU-style kernel, None when interpreted.
+
+        They must be passed: without compiler params this JAX lowers a GPU pallas_call through
+        Mosaic GPU (`jax_pallas_use_mosaic_gpu` defaults to True), which the GPU-style kernels
+        are not written for (no SMEM budget, no vector-indexed gathers).
+        """
+        if not self.compiled_for_gpu:
+            return None
+        from jax.experimental.pallas import triton as pltriton
+
+        return pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+
 
 def platform() -> str:
     return jax.default_backend()
@@ -86,6 +104,25 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
+def pow2_parts(width: int, minimum: int = 1) -> list[int]:
+    """Power-of-two widths (each >= minimum, largest first) covering `width` with the least
+    padding: Triton tiles must have power-of-two sizes, and its dot needs >= 16 per dim.
+    576 -> [512, 64]; 24 -> [16, 8] (minimum 1) or [32] (minimum 16)."""
+    width = round_up(width, minimum)
+    parts = [1 << b for b in range(width.bit_length() - 1, -1, -1) if width >> b & 1]
+    return parts if all(p >= minimum for p in parts) else [next_pow2(width)]
+
+
+def split_last(x: jax.Array, widths: list[int]) -> list[jax.Array]:
+    """x[..., :sum(widths)] cut into consecutive pieces of `widths` (zero-padded at the end)."""
+    x = pad_axis(x, x.ndim - 1, max(sum(widths), x.shape[-1]))
+    out, start = [], 0
+    for w in widths:
+        out.append(x[..., start:start + w])
+        start += w
+    return out
+
+
 def pad_axis(x: jax.Array, axis: int, size: int, value=0) -> jax.Array:
     """Pad `x` along `axis` (at the end) to `size` with `value`."""
     extra = size - x.shape[axis]
@@ -117,6 +154,12 @@ def visibility_inputs(segment_ids, kv_segment_ids, q_offset, batch: int, length:
             raise ValueError("kv_segment_ids is required when S != T")
         kv_segment_ids = segment_ids
     return segment_ids, kv_segment_ids.astype(jnp.int32), query_positions(q_offset, batch, length)
+
+
+def last_position(q_pos: jax.Array) -> jax.Array:
+    """The largest query position of a kernel block ([bt, 1] int32) as an int32 scalar, reduced
+    in float32 (exact below 2^24): Mosaic's vector-to-scalar reductions are surest on floats."""
+    return jnp.max(q_pos.astype(jnp.float32)).astype(jnp.int32)
 
 
 def visibility(q_pos: jax.Array, q_seg: jax.Array, k_pos: jax.Array, k_seg: jax.Array) -> jax.Array:

@@ -16,8 +16,10 @@ them) for the Pallas backward; the reference handles repeats like ordinary index
 - GPU-style Pallas kernel (Triton lowering; interpret=True on CPU): grid (batch, query block);
   each program gathers its queries' rows `block_k` at a time by indexing the kv ref with an
   integer vector, online softmax. q and kv enter split into latent (Dv) and rope parts, whose
-  widths are powers of two as Triton tiles need (576 = 512 + 64 is not); heads are zero-padded
-  to 16 when compiled for a GPU (tl.dot needs 16 rows). Backward: one kernel computes dq and
+  widths are powers of two as Triton tiles need (576 = 512 + 64 is not); compiled for a GPU,
+  heads, widths and the slot chunk are zero-padded to powers of two >= 16 (tl.dot), and heads are
+  split into blocks of `head_block` (a grid axis) so that H = 128 does not put a [128, 512]
+  float32 accumulator in one program. Backward: one kernel computes dq and
   scatter-adds each query's dkv rows with `atomic_add` into float32 buffers (one query per
   call, so a call never repeats a row; -1 slots go to dummy rows past S). Programs stop at the
   last non-empty slot chunk, so early (causal) queries do little work.
@@ -227,80 +229,98 @@ def _blocks(length, k, block_t, block_k):
     return block_t, block_k, be.round_up(length, block_t), be.round_up(k, block_k)
 
 
-def _gpu_operands(q, kv, indices, dv, block_t, block_k, min_heads):
-    """Split/pad operands for the GPU kernels: (q_lat, q_rope, kv_lat, kv_rope, indices, sizes)."""
+def _gpu_operands(q, kv, indices, dv, block_t, block_k, head_block, backend):
+    """Split/pad operands for the GPU kernels: (q_lat, q_rope, kv_lat, kv_rope, indices, sizes).
+
+    Triton tiles need power-of-two sizes, and its dot >= 16 per dimension: compiled for a GPU,
+    heads, both widths and the slot chunk are padded to powers of two >= 16 (zero heads, columns
+    and -1 slots change nothing and are sliced off). A missing rope part becomes a zero column.
+    """
     batch, length, heads, dk = q.shape
-    block_t, block_k, t_pad, k_pad = _blocks(length, indices.shape[-1], block_t, block_k)
-    q = be.pad_axis(be.pad_axis(q, 1, t_pad), 2, max(heads, min_heads))
-    rope = max(dk - dv, 1)  # a 1-wide dummy rope part keeps the kernel signature fixed
-    if dk == dv:
-        q = jnp.concatenate([q, jnp.zeros(q.shape[:-1] + (1,), q.dtype)], -1)
-        kv = jnp.concatenate([kv, jnp.zeros(kv.shape[:-1] + (1,), kv.dtype)], -1)
+    k = indices.shape[-1]
+    least = 16 if backend.compiled_for_gpu else 1
+    block_t = min(be.next_pow2(block_t), be.next_pow2(length))
+    block_k = max(min(be.next_pow2(block_k), be.next_pow2(k)), least)
+    t_pad, k_pad = be.round_up(length, block_t), be.round_up(k, block_k)
+    lat, rope = be.next_pow2(max(dv, least)), be.next_pow2(max(dk - dv, least))
+    padded_heads = be.next_pow2(max(heads, least)) if backend.compiled_for_gpu else heads
+    head_block = min(be.next_pow2(head_block), padded_heads) if head_block else padded_heads
+    if padded_heads % head_block:
+        head_block = padded_heads
+    q = be.pad_axis(be.pad_axis(q, 1, t_pad), 2, padded_heads)
+    cut = lambda x: (be.pad_axis(x[..., :dv], x.ndim - 1, lat), be.pad_axis(x[..., dv:], x.ndim - 1, rope))
     ip = be.pad_axis(be.pad_axis(indices, 2, k_pad, -1), 1, t_pad, -1)
-    sizes = dict(block_t=block_t, block_k=block_k, t_pad=t_pad, k_pad=k_pad, heads=q.shape[2], rope=rope)
-    return q[..., :dv], q[..., dv:], kv[..., :dv], kv[..., dv:], ip, sizes
+    sizes = dict(block_t=block_t, block_k=block_k, t_pad=t_pad, k_pad=k_pad, heads=padded_heads,
+                 head_block=head_block, lat=lat, rope=rope)
+    return (*cut(q), *cut(kv), ip, sizes)
 
 
-def _gpu_specs(sizes, dv, keys):
-    bt, h, rope, k_pad = sizes["block_t"], sizes["heads"], sizes["rope"], sizes["k_pad"]
-    per_query = lambda width: pl.BlockSpec((None, bt, h, width), lambda b, i: (b, i, 0, 0))
-    whole = lambda rows, width: pl.BlockSpec((None, rows, width), lambda b, i: (b, 0, 0))
-    per_head = pl.BlockSpec((None, bt, h), lambda b, i: (b, i, 0))
-    slots = pl.BlockSpec((None, bt, k_pad), lambda b, i: (b, i, 0))
+def _gpu_specs(sizes):
+    """Block specs over the grid (batch, query block, head block)."""
+    bt, hb, k_pad = sizes["block_t"], sizes["head_block"], sizes["k_pad"]
+    per_query = lambda width: pl.BlockSpec((None, bt, hb, width), lambda b, i, h: (b, i, h, 0))
+    whole = lambda rows, width: pl.BlockSpec((None, rows, width), lambda b, i, h: (b, 0, 0))
+    per_head = pl.BlockSpec((None, bt, hb), lambda b, i, h: (b, i, h))
+    slots = pl.BlockSpec((None, bt, k_pad), lambda b, i, h: (b, i, 0))
     return per_query, whole, per_head, slots
 
 
-def _gpu_params(backend_interpret):
-    if backend_interpret is not False:
-        return None
-    from jax.experimental.pallas import triton as plgpu
-
-    return plgpu.CompilerParams(num_warps=4, num_stages=2)
+def _gpu_grid(batch, sizes):
+    return batch, sizes["t_pad"] // sizes["block_t"], sizes["heads"] // sizes["head_block"]
 
 
-def _fwd_gpu(q, kv, indices, scale, dv, block_t, block_k, interpret, min_heads):
+def _gpu_warps(sizes):
+    """8 warps once a program's accumulator [bt * hb, lat] float32 passes 16K values."""
+    return 8 if sizes["block_t"] * sizes["head_block"] * sizes["lat"] > (16 << 10) else 4
+
+
+def _fwd_gpu(q, kv, indices, scale, dv, block_t, block_k, head_block, backend):
     batch, length, heads, dk = q.shape
     keys = kv.shape[1]
-    q_lat, q_rope, kv_lat, kv_rope, ip, sz = _gpu_operands(q, kv, indices, dv, block_t, block_k, min_heads)
-    per_query, whole, per_head, slots = _gpu_specs(sz, dv, keys)
+    q_lat, q_rope, kv_lat, kv_rope, ip, sz = _gpu_operands(q, kv, indices, dv, block_t, block_k, head_block,
+                                                           backend)
+    per_query, whole, per_head, slots = _gpu_specs(sz)
+    lat, rope = sz["lat"], sz["rope"]
     out, lse = pl.pallas_call(
         functools.partial(_fwd_kernel_gpu, scale=scale, block_k=sz["block_k"], has_rope=dk > dv),
-        grid=(batch, sz["t_pad"] // sz["block_t"]),
-        in_specs=[per_query(dv), per_query(sz["rope"]), whole(keys, dv), whole(keys, sz["rope"]), slots],
-        out_specs=[per_query(dv), per_head],
-        out_shape=[jax.ShapeDtypeStruct((batch, sz["t_pad"], sz["heads"], dv), q.dtype),
+        grid=_gpu_grid(batch, sz),
+        in_specs=[per_query(lat), per_query(rope), whole(keys, lat), whole(keys, rope), slots],
+        out_specs=[per_query(lat), per_head],
+        out_shape=[jax.ShapeDtypeStruct((batch, sz["t_pad"], sz["heads"], lat), q.dtype),
                    jax.ShapeDtypeStruct((batch, sz["t_pad"], sz["heads"]), jnp.float32)],
-        compiler_params=_gpu_params(interpret),
-        interpret=interpret,
+        compiler_params=backend.gpu_params(num_warps=_gpu_warps(sz)),
+        interpret=backend.interpret,
         name="sparse_mla_fwd",
     )(q_lat, q_rope, kv_lat, kv_rope, ip)
-    return out[:, :length, :heads], lse[:, :length, :heads]
+    return out[:, :length, :heads, :dv], lse[:, :length, :heads]
 
 
-def _bwd_gpu(q, kv, indices, do, lse, delta, scale, dv, block_t, block_k, interpret, min_heads):
+def _bwd_gpu(q, kv, indices, do, lse, delta, scale, dv, block_t, block_k, head_block, backend):
     batch, length, heads, dk = q.shape
     keys = kv.shape[1]
-    q_lat, q_rope, kv_lat, kv_rope, ip, sz = _gpu_operands(q, kv, indices, dv, block_t, block_k, min_heads)
-    per_query, whole, per_head, slots = _gpu_specs(sz, dv, keys)
+    q_lat, q_rope, kv_lat, kv_rope, ip, sz = _gpu_operands(q, kv, indices, dv, block_t, block_k, head_block,
+                                                           backend)
+    per_query, whole, per_head, slots = _gpu_specs(sz)
+    lat, rope = sz["lat"], sz["rope"]
     pad = lambda x: be.pad_axis(be.pad_axis(x, 1, sz["t_pad"]), 2, sz["heads"])
     rows = keys + sz["block_k"]  # dummy rows past S receive the -1 slots
     acc = lambda width: jnp.zeros((batch, rows, width), jnp.float32)
     dq_lat, dq_rope, dkv_lat, dkv_rope = pl.pallas_call(
         functools.partial(_bwd_kernel_gpu, scale=scale, block_k=sz["block_k"], num_keys=keys, has_rope=dk > dv),
-        grid=(batch, sz["t_pad"] // sz["block_t"]),
-        in_specs=[per_query(dv), per_query(sz["rope"]), whole(keys, dv), whole(keys, sz["rope"]), slots,
-                  per_query(dv), per_head, per_head, whole(rows, dv), whole(rows, sz["rope"])],
-        out_specs=[per_query(dv), per_query(sz["rope"]), whole(rows, dv), whole(rows, sz["rope"])],
+        grid=_gpu_grid(batch, sz),
+        in_specs=[per_query(lat), per_query(rope), whole(keys, lat), whole(keys, rope), slots,
+                  per_query(lat), per_head, per_head, whole(rows, lat), whole(rows, rope)],
+        out_specs=[per_query(lat), per_query(rope), whole(rows, lat), whole(rows, rope)],
         out_shape=[jax.ShapeDtypeStruct(q_lat.shape, q.dtype), jax.ShapeDtypeStruct(q_rope.shape, q.dtype),
-                   jax.ShapeDtypeStruct((batch, rows, dv), jnp.float32),
-                   jax.ShapeDtypeStruct((batch, rows, sz["rope"]), jnp.float32)],
+                   jax.ShapeDtypeStruct((batch, rows, lat), jnp.float32),
+                   jax.ShapeDtypeStruct((batch, rows, rope), jnp.float32)],
         input_output_aliases={8: 2, 9: 3},
-        compiler_params=_gpu_params(interpret),
-        interpret=interpret,
+        compiler_params=backend.gpu_params(num_warps=_gpu_warps(sz)),
+        interpret=backend.interpret,
         name="sparse_mla_bwd",
-    )(q_lat, q_rope, kv_lat, kv_rope, ip, pad(do), pad(lse), pad(delta), acc(dv), acc(sz["rope"]))
-    dq = jnp.concatenate([dq_lat, dq_rope], -1)[:, :length, :heads, :dk]
-    dkv = jnp.concatenate([dkv_lat, dkv_rope], -1)[:, :keys, :dk]
+    )(q_lat, q_rope, kv_lat, kv_rope, ip, pad(be.pad_axis(do, 3, lat)), pad(lse), pad(delta), acc(lat), acc(rope))
+    dq = jnp.concatenate([dq_lat[..., :dv], dq_rope[..., :dk - dv]], -1)[:, :length, :heads]
+    dkv = jnp.concatenate([dkv_lat[..., :dv], dkv_rope[..., :dk - dv]], -1)[:, :keys]
     return dq, dkv.astype(kv.dtype)
 
 
@@ -520,7 +540,7 @@ def _tpu_call(kernel_fn, q, kv, indices, extra_blocked, scale, dv, block_t, bloc
 # ---------------------------------------------------------------------------------------------
 
 
-def _make_pallas_fn(scale, dv, backend, block_t, block_k, prefetch_limit):
+def _make_pallas_fn(scale, dv, backend, block_t, block_k, head_block, prefetch_limit):
     if backend.kind == "tpu":
         fwd_impl = lambda q, kv, idx: _tpu_call(_fwd_kernel_tpu, q, kv, idx, (), scale, dv, block_t, block_k,
                                                 prefetch_limit, backend.interpret, False)
@@ -528,11 +548,9 @@ def _make_pallas_fn(scale, dv, backend, block_t, block_k, prefetch_limit):
             _bwd_kernel_tpu, q, kv, idx, (do, lse, delta), scale, dv, block_t, block_k, prefetch_limit,
             backend.interpret, True)
     else:
-        min_heads = 16 if backend.compiled_for_gpu else 1  # Triton's dot needs >= 16 rows
-        fwd_impl = lambda q, kv, idx: _fwd_gpu(q, kv, idx, scale, dv, block_t, block_k, backend.interpret,
-                                               min_heads)
+        fwd_impl = lambda q, kv, idx: _fwd_gpu(q, kv, idx, scale, dv, block_t, block_k, head_block, backend)
         bwd_impl = lambda q, kv, idx, do, lse, delta: _bwd_gpu(q, kv, idx, do, lse, delta, scale, dv, block_t,
-                                                               block_k, backend.interpret, min_heads)
+                                                               block_k, head_block, backend)
 
     @jax.custom_vjp
     def attend(q, kv, indices):
@@ -555,8 +573,8 @@ def _make_pallas_fn(scale, dv, backend, block_t, block_k, prefetch_limit):
 
 
 def sparse_mla(q, kv, indices, *, scale: float, dv: int, impl: str = "xla", return_lse: bool = False,
-               block_t: int | None = None, block_k: int | None = None, query_chunk: int | None = None,
-               prefetch_limit: int = 1 << 15, interpret=None):
+               block_t: int | None = None, block_k: int | None = None, head_block: int | None = None,
+               query_chunk: int | None = None, prefetch_limit: int = 1 << 15, interpret=None):
     """Sparse MLA attention over per-query selected latent rows (differentiable in q and kv).
 
     Args:
@@ -565,8 +583,11 @@ def sparse_mla(q, kv, indices, *, scale: float, dv: int, impl: str = "xla", retu
       scale: softmax scale. dv: value width (kv_lora_rank).
       impl: "xla" | "pallas" | "pallas_gpu" | "pallas_tpu" | "auto".
       block_t / block_k: queries per program / slots per gathered chunk. Defaults: 1 / 64 when
-        compiled for a GPU (one token's H heads form the matmul rows, as in FlashMLA), 16 / 128
-        interpreted, 8 / 128 TPU style.
+        compiled for a GPU (one token's heads form the matmul rows, as in FlashMLA; 1 / 32 for
+        4-byte inputs), 16 / 128 interpreted, 8 / 128 TPU style.
+      head_block (GPU style): heads per program (a power of two; the grid gets a head axis).
+        Default 64 compiled for a GPU (32 for 4-byte inputs; H = 128: two programs per query,
+        each with a [64, 512] float32 accumulator), all heads interpreted.
       query_chunk: queries per chunk of the XLA reference. prefetch_limit: the most indices the
         TPU-style kernel scalar-prefetches into SMEM per call.
 
@@ -579,10 +600,11 @@ def sparse_mla(q, kv, indices, *, scale: float, dv: int, impl: str = "xla", retu
     else:
         if backend.kind == "tpu":
             block_t, block_k = block_t or 8, block_k or 128
-        elif backend.compiled_for_gpu:
-            block_t, block_k = block_t or 1, block_k or 64
+        elif backend.compiled_for_gpu:  # 4-byte inputs: half the rows, so operand tiles keep their bytes
+            rows = 32 if q.dtype.itemsize > 2 else 64
+            block_t, block_k, head_block = block_t or 1, block_k or rows, head_block or rows
         else:
             block_t, block_k = block_t or 16, block_k or 128
-        fn = _make_pallas_fn(float(scale), int(dv), backend, block_t, block_k, prefetch_limit)
+        fn = _make_pallas_fn(float(scale), int(dv), backend, block_t, block_k, head_block, prefetch_limit)
         out, lse = fn(q, kv, indices.astype(jnp.int32))
     return (out, lse) if return_lse else out
