@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from dsjax.kernels import _backend as be
-from dsjax.kernels.sparse_mla import _bdot, _gather_block, _gather_rows, _row_copies, _used_chunks
+from dsjax.kernels.sparse_mla import _bdot, _gather_block, _gather_rows, _over_row_chunks, _used_chunks
 
 
 def _prepare(q, kv, segment_ids, kv_segment_ids, q_offset):
@@ -431,25 +431,14 @@ def _at_kernel_tpu(idx_smem, q_ref, idx_ref, lse_ref, kv_hbm, p_ref, buf, sem, *
 
         def over_chunks(fn, init):
             """fn(slots, scores [H, bk], carry) over the slot chunks, rows fetched one chunk ahead."""
-            for cp in _row_copies(kv_hbm, buf, sem, idx_smem, b, base, block_k, 0):
-                cp.start()
 
-            def chunk(c, carry):
-                slot = c % 2
-
-                @pl.when(c + 1 < chunks)
-                def _prefetch():
-                    for cp in _row_copies(kv_hbm, buf, sem, idx_smem, b, base + (c + 1) * block_k, block_k, 1 - slot):
-                        cp.start()
-
-                for cp in _row_copies(kv_hbm, buf, sem, idx_smem, b, base + c * block_k, block_k, slot):
-                    cp.wait()
+            def chunk(c, rows, carry):
                 slots = pl.ds(pl.multiple_of(c * block_k, block_k), block_k)
                 valid = idx_ref[pl.ds(t, 1), slots] >= 0  # [1, bk]
-                s = jax.lax.dot_general(q, buf[slot], (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+                s = jax.lax.dot_general(q, rows, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
                 return fn(slots, jnp.where(valid, s * scale, -jnp.inf), carry)
 
-            return jax.lax.fori_loop(0, chunks, chunk, init)
+            return _over_row_chunks(kv_hbm, buf, sem, idx_smem, b, base, block_k, chunks, chunk, init)
 
         if given_lse:
             lse = lse_ref[t]  # [H, 1]

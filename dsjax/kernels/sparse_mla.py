@@ -342,6 +342,27 @@ def _row_copies(kv_hbm, buf, sem, idx_smem, batch, base, block_k, slot):
     return copies
 
 
+def _over_row_chunks(kv_hbm, buf, sem, idx_smem, batch, base, block_k, chunks, body, init):
+    """fori_loop over one query's slot chunks: body(c, rows [bk, Dk], carry), the rows of chunk
+    c + 1 being DMA'd into the other half of `buf` while chunk c is used (double buffering)."""
+    for cp in _row_copies(kv_hbm, buf, sem, idx_smem, batch, base, block_k, 0):
+        cp.start()
+
+    def chunk(c, carry):
+        slot = c % 2
+
+        @pl.when(c + 1 < chunks)
+        def _prefetch():
+            for cp in _row_copies(kv_hbm, buf, sem, idx_smem, batch, base + (c + 1) * block_k, block_k, 1 - slot):
+                cp.start()
+
+        for cp in _row_copies(kv_hbm, buf, sem, idx_smem, batch, base + c * block_k, block_k, slot):
+            cp.wait()
+        return body(c, buf[slot], carry)
+
+    return jax.lax.fori_loop(0, chunks, chunk, init)
+
+
 def _fwd_kernel_tpu(idx_smem, q_ref, idx_ref, kv_hbm, o_ref, lse_ref, buf, sem, *,
                     scale, dv, block_k, t_pad, k_pad):
     block_t, heads, _ = q_ref.shape
@@ -350,22 +371,10 @@ def _fwd_kernel_tpu(idx_smem, q_ref, idx_ref, kv_hbm, o_ref, lse_ref, buf, sem, 
 
     def token(t, _):
         base = ((b * t_pad) + i * block_t + t) * k_pad
-        for cp in _row_copies(kv_hbm, buf, sem, idx_smem, b, base, block_k, 0):
-            cp.start()
         q = q_ref[t]  # [H, Dk]
 
-        def chunk(c, carry):
+        def chunk(c, rows, carry):  # rows [bk, Dk]
             peak, total, acc = carry
-            slot = c % 2
-
-            @pl.when(c + 1 < chunks)
-            def _prefetch():
-                for cp in _row_copies(kv_hbm, buf, sem, idx_smem, b, base + (c + 1) * block_k, block_k, 1 - slot):
-                    cp.start()
-
-            for cp in _row_copies(kv_hbm, buf, sem, idx_smem, b, base + c * block_k, block_k, slot):
-                cp.wait()
-            rows = buf[slot]  # [bk, Dk]
             valid = idx_ref[pl.ds(t, 1), pl.ds(c * block_k, block_k)] >= 0  # [1, bk]
             s = jax.lax.dot_general(q, rows, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * scale
             s = jnp.where(valid, s, -jnp.inf)  # [H, bk]
@@ -379,7 +388,7 @@ def _fwd_kernel_tpu(idx_smem, q_ref, idx_ref, kv_hbm, o_ref, lse_ref, buf, sem, 
 
         init = (jnp.full((heads, 1), -jnp.inf, jnp.float32), jnp.zeros((heads, 1), jnp.float32),
                 jnp.zeros((heads, dv), jnp.float32))
-        peak, total, acc = jax.lax.fori_loop(0, chunks, chunk, init)
+        peak, total, acc = _over_row_chunks(kv_hbm, buf, sem, idx_smem, b, base, block_k, chunks, chunk, init)
         nonempty = total > 0
         o_ref[t] = (acc / jnp.where(nonempty, total, 1.0)).astype(o_ref.dtype)
         lse = jnp.where(nonempty, peak + jnp.log(jnp.where(nonempty, total, 1.0)), -jnp.inf)
@@ -409,28 +418,16 @@ def _bwd_kernel_tpu(idx_smem, q_ref, idx_ref, do_ref, lse_ref, delta_ref, kv_hbm
 
     def token(t, _):
         base = ((b * t_pad) + i * block_t + t) * k_pad
-        for cp in _row_copies(kv_hbm, buf, sem, idx_smem, b, base, block_k, 0):
-            cp.start()
         q = q_ref[t]  # [H, Dk]
         do = do_ref[t]  # [H, Dv]
         lse = lse_ref[pl.ds(t, 1), :].reshape(heads, 1)
         delta = delta_ref[pl.ds(t, 1), :].reshape(heads, 1)
 
-        def chunk(c, dq):
-            slot = c % 2
+        def chunk(c, rows, dq):  # rows [bk, Dk]
             cbase = base + c * block_k
-
-            @pl.when(c + 1 < chunks)
-            def _prefetch():
-                for cp in _row_copies(kv_hbm, buf, sem, idx_smem, b, cbase + block_k, block_k, 1 - slot):
-                    cp.start()
-
-            for cp in _row_copies(kv_hbm, buf, sem, idx_smem, b, cbase, block_k, slot):
-                cp.wait()
             reads = dkv_copies(cbase, to_hbm=False)
             for cp in reads:
                 cp.start()
-            rows = buf[slot]
             valid = idx_ref[pl.ds(t, 1), pl.ds(c * block_k, block_k)] >= 0
             s = jax.lax.dot_general(q, rows, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * scale
             live = valid & (lse > -jnp.inf)
@@ -453,7 +450,8 @@ def _bwd_kernel_tpu(idx_smem, q_ref, idx_ref, do_ref, lse_ref, delta_ref, kv_hbm
                 cp.wait()
             return dq
 
-        dq = jax.lax.fori_loop(0, chunks, chunk, jnp.zeros((heads, dk), jnp.float32))
+        dq = _over_row_chunks(kv_hbm, buf, sem, idx_smem, b, base, block_k, chunks, chunk,
+                              jnp.zeros((heads, dk), jnp.float32))
         dq_ref[t] = dq.astype(dq_ref.dtype)
         return 0
 
