@@ -81,10 +81,15 @@ def plan(model_config, sizes: dict[str, int], *, batch_size: int, seq_len: int, 
                 local_batch=local_batch, param_dtype=param_dtype, moment_dtype=moment_dtype)
 
 
+def _count(n: int) -> str:
+    """671.03B / 170.2M / 1.3M: a parameter count at a readable scale."""
+    return f"{n / 1e9:,.2f}B" if n >= 1e9 else f"{n / 1e6:,.1f}M"
+
+
 def format_plan(result: dict) -> str:
     mesh = ", ".join(f"{k}={v}" for k, v in result["mesh"].items() if v > 1) or "single device"
     lines = [
-        f"{result['total_params'] / 1e9:,.1f}B parameters on {result['devices']} devices ({mesh}); "
+        f"{_count(result['total_params'])} parameters on {result['devices']} devices ({mesh}); "
         f"{result['local_batch']} sequence(s) per data-parallel rank",
         f"  parameters ({result['param_dtype']:8s})       {result['params_gb']:9.2f} GB per device",
         f"  gradients                   {result['grads_gb']:9.2f} GB",
