@@ -511,6 +511,13 @@ def _dense_setup(q, kv, segment_ids, kv_segment_ids, q_offset, backend, block_t,
     return (seg, kv_seg, pos), plan
 
 
+def _pallas_dense_lse(q, kv, segment_ids, kv_segment_ids, q_offset, scale, backend, block_t, block_s, head_block):
+    """Pass 1 of the dense kernels: (visibility inputs, block plan, padded lse [B, T', H', 1])."""
+    visibility, plan = _dense_setup(q, kv, segment_ids, kv_segment_ids, q_offset, backend, block_t, block_s,
+                                    head_block)
+    return visibility, plan, _dense_lse(q, kv, *visibility, float(scale), backend, plan)
+
+
 def attention_lse(q, kv, segment_ids=None, *, scale: float, kv_segment_ids=None, q_offset=None, impl="xla",
                   block_t: int | None = None, block_s: int | None = None, head_block: int | None = None,
                   interpret=None):
@@ -525,9 +532,8 @@ def attention_lse(q, kv, segment_ids=None, *, scale: float, kv_segment_ids=None,
     if not backend.is_pallas:
         return attention_lse_reference(q, kv, segment_ids, scale=scale, kv_segment_ids=kv_segment_ids,
                                        q_offset=q_offset)
-    visibility, plan = _dense_setup(q, kv, segment_ids, kv_segment_ids, q_offset, backend, block_t, block_s,
-                                    head_block)
-    lse = _dense_lse(q, kv, *visibility, float(scale), backend, plan)
+    _, _, lse = _pallas_dense_lse(q, kv, segment_ids, kv_segment_ids, q_offset, scale, backend, block_t, block_s,
+                                  head_block)
     return lse[:, :q.shape[1], :q.shape[2], 0]
 
 
@@ -543,9 +549,8 @@ def attention_target(q, kv, segment_ids=None, *, scale: float, kv_segment_ids=No
     if not backend.is_pallas:
         return attention_target_reference(q, kv, segment_ids, scale=scale, kv_segment_ids=kv_segment_ids,
                                           q_offset=q_offset)
-    visibility, plan = _dense_setup(q, kv, segment_ids, kv_segment_ids, q_offset, backend, block_t, block_s,
-                                    head_block)
-    lse = _dense_lse(q, kv, *visibility, float(scale), backend, plan)
+    visibility, plan, lse = _pallas_dense_lse(q, kv, segment_ids, kv_segment_ids, q_offset, scale, backend,
+                                              block_t, block_s, head_block)
     p = _dense_probs(q, kv, *visibility, lse, float(scale), backend, plan)
     return p[:, :q.shape[1], :kv.shape[1]]
 
