@@ -17,7 +17,7 @@ from dsjax.hf.config import from_hf, read_hf_config
 from dsjax.hf.names import leaf_maps
 from dsjax.hf.safetensors_io import CheckpointReader
 from dsjax.model.transformer import ModelOutput, forward, frozen
-from dsjax.sharding import batch_shards, batch_sharding, make_mesh, mesh_sizes_from_config, place, replicated
+from dsjax.parallel.mesh import batch_shards, batch_sharding, make_mesh, mesh_sizes_from_config, place, replicated
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 class LanguageModel:
     """A config and its parameter pytree, callable on token ids.
 
-    With a `mesh` (a `jax.sharding.Mesh` the params are sharded on, see `dsjax.sharding`), forward
+    With a `mesh` (a `jax.sharding.Mesh` the params are sharded on, see `dsjax.parallel`), forward
     and generate run under it: inputs are split over the batch axes when the batch divides, and MoE
     layers use expert parallelism over the `expert` axis."""
 
@@ -113,7 +113,7 @@ def load(path: str, mesh=None, **overrides) -> LanguageModel:
 
     `mesh`: load straight onto a device mesh: a `jax.sharding.Mesh`, or axis sizes / a preset name as
     in a training config's `mesh` (e.g. `{"expert": 4, "data": 2}`, "fsdp"; `data` takes the devices
-    no axis claims). Each parameter is put into its shards (`dsjax.sharding.param_shardings`) as it
+    no axis claims). Each parameter is put into its shards (`dsjax.model.param_shardings`) as it
     is read, so no device ever holds the whole model; the model then runs under the mesh.
 
     `overrides` set model config fields, e.g. `dtype="bfloat16"` or `attention_impl="xla"`;

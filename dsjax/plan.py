@@ -5,7 +5,7 @@
     python -m dsjax.plan --config configs/quickstart.py --mesh fsdp=-1 --devices 8 --hbm_gb 16
 
 Parameters and optimizer state are counted exactly, leaf by leaf, with the sharding rules of
-`dsjax.sharding` (a dimension an axis does not divide stays replicated). Activations are an estimate
+`dsjax.parallel` (a dimension an axis does not divide stays replicated). Activations are an estimate
 for one micro-batch: with rematerialisation each layer keeps its input, plus one layer's working set
 (attention scores, MLP and expert buffers) and the logits.
 """
@@ -23,7 +23,7 @@ from jax.sharding import PartitionSpec
 
 from dsjax.model.config import make_config
 from dsjax.model.transformer import abstract_params, logical_axes
-from dsjax.sharding import BATCH_AXES, MESH_PRESETS, RULES, mesh_sizes_from_config, resolve_mesh_shape
+from dsjax.parallel.mesh import BATCH_AXES, MESH_PRESETS, RULES, mesh_sizes_from_config, resolve_mesh_shape
 
 GB = 1024 ** 3
 

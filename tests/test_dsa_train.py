@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from dsjax import sharding
+from dsjax import parallel as sharding
 from dsjax.train import checkpoint as ckpt
 from dsjax.train import dsa, loop, metrics
 

@@ -14,7 +14,9 @@ import numpy as np
 import pytest
 
 import multihost_worker as worker
-from dsjax import distributed, sharding
+from dsjax import parallel as sharding
+from dsjax.model import init_sharded_params, param_shardings
+from dsjax.parallel import distributed
 from dsjax.data import make_dataset
 from dsjax.train import checkpoint as checkpoint_lib
 from dsjax.train import loop
@@ -105,7 +107,7 @@ def test_checkpoint_written_by_two_processes_restores(two_process_run, one_proce
     mesh = sharding.make_mesh({"expert": 4, "data": 2})  # any mesh: here all 8 devices of this process
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), reference)
     shardings = sharding.state_shardings(
-        abstract, sharding.shardings_for(abstract["params"], one_process_run[1].model_config, mesh), mesh)
+        abstract, param_shardings(one_process_run[1].model_config, mesh, like=abstract["params"]), mesh)
     target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
     with checkpoint_lib.Checkpointer(str(workdir)) as checkpointer:
         restored = checkpointer.restore(4, target)

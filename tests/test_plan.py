@@ -9,7 +9,7 @@ import pytest
 
 import dsjax
 from dsjax.plan import GB, plan
-from dsjax.sharding import resolve_mesh_shape
+from dsjax.parallel import resolve_mesh_shape
 
 
 def test_parameter_bytes_follow_the_mesh():

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 import dsjax
-from dsjax import sharding
+from dsjax import parallel as sharding
+from dsjax.model import init_sharded_params, param_shardings
 from dsjax.train import checkpoint as checkpoint_lib
 from dsjax.train import loop
 from dsjax.train import metrics as metrics_lib
@@ -53,7 +54,7 @@ def test_logits_and_gradients_match_single_device(setup, mesh_config):
     config, params, tokens, want_logits, want_grads = setup
     loss = _loss(config)
     mesh = sharding.make_mesh(mesh_config)
-    sharded = jax.device_put(params, sharding.param_shardings(config, mesh))
+    sharded = jax.device_put(params, param_shardings(config, mesh))
     batch = jax.device_put(tokens, sharding.batch_sharding(mesh))
     with jax.set_mesh(mesh):
         logits = jax.jit(lambda p, t: dsjax.forward(p, t, config).logits)(sharded, batch)
@@ -66,7 +67,7 @@ def test_logits_and_gradients_match_single_device(setup, mesh_config):
 def test_routed_experts_are_split_over_expert_axis(setup):
     config = setup[0]
     mesh = sharding.make_mesh("fsdp_expert")  # fsdp 2 x expert 4
-    params = sharding.init_sharded_params(config, mesh, jax.random.key(1))
+    params = init_sharded_params(config, mesh, jax.random.key(1))
     kernel = params["moe_layers"]["mlp"]["experts"]["gate_proj"]["kernel"]  # [L, E, D, F]
     assert kernel.shape[1] == 16 and kernel.shape[0] == 1
     shard_shapes = {s.data.shape for s in kernel.addressable_shards}
@@ -82,7 +83,7 @@ def test_routed_experts_are_split_over_expert_axis(setup):
 def test_sharded_init_equals_unsharded_init(setup):
     config = setup[0]
     mesh = sharding.make_mesh("expert_tensor")
-    sharded = sharding.init_sharded_params(config, mesh, jax.random.key(3))
+    sharded = init_sharded_params(config, mesh, jax.random.key(3))
     plain = dsjax.init_params(config, jax.random.key(3))
     for a, b in zip(jax.tree_util.tree_leaves(sharded), jax.tree_util.tree_leaves(plain)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -96,7 +97,7 @@ def test_capacity_factor_drops_and_dropless_does_not(setup):
     def run(cfg):
         with jax.set_mesh(mesh):
             out, state = jax.jit(lambda p, t: build(cfg).apply({"params": p}, t, mutable=["intermediates"]))(
-                jax.device_put(params, sharding.param_shardings(cfg, mesh)), tokens)
+                jax.device_put(params, param_shardings(cfg, mesh)), tokens)
         dropped = jax.tree_util.tree_leaves(state["intermediates"])
         return out.logits, sum(float(jnp.sum(d)) for d in dropped)
 
@@ -162,7 +163,7 @@ def test_training_on_a_mesh_matches_one_device(train_runs, preset):
     # sharded like their parameters.
     params = result.state["params"]
     kernel = params["moe_layers"]["mlp"]["experts"]["gate_proj"]["kernel"]  # [L, E, D, F]
-    want_spec = sharding.param_shardings(result.model_config, mesh)["moe_layers"]["mlp"]["experts"]["gate_proj"]
+    want_spec = param_shardings(result.model_config, mesh)["moe_layers"]["mlp"]["experts"]["gate_proj"]
     assert kernel.sharding.spec == want_spec["kernel"].spec
     experts = mesh.shape["expert"]
     assert {s.data.shape[1] for s in kernel.addressable_shards} == {kernel.shape[1] // experts}
@@ -194,7 +195,7 @@ def test_checkpoint_from_one_mesh_resumes_on_another(train_runs, tmp_path):
     mesh = sharding.make_mesh({"data": 2, "expert": 4})
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), result.state)
     target_shardings = sharding.state_shardings(
-        abstract, sharding.shardings_for(abstract["params"], result.model_config, mesh), mesh)
+        abstract, param_shardings(result.model_config, mesh, like=abstract["params"]), mesh)
     target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract,
                           target_shardings)
     with checkpoint_lib.Checkpointer(str(workdir)) as checkpointer:
@@ -348,7 +349,7 @@ def test_dsa_kernels_run_per_batch_shard(impl):
     want_grads, (want_logits, want_kl) = step(params, tokens, segment_ids)
 
     mesh = sharding.make_mesh(DSA_MESH)
-    sharded = jax.device_put(params, sharding.param_shardings(config, mesh))
+    sharded = jax.device_put(params, param_shardings(config, mesh))
     batch = [jax.device_put(x, sharding.batch_sharding(mesh)) for x in (tokens, segment_ids)]
     with jax.set_mesh(mesh):
         compiled = step.lower(sharded, *batch).compile()
@@ -381,7 +382,7 @@ def test_dsa_decoding_on_a_mesh():
     run = lambda lm: lm.generate(prompts, 4, temperature=0.0, prompt_lengths=lengths, return_logits=True)  # noqa: E731
     want = run(LanguageModel(config, params))
     mesh = sharding.make_mesh({"data": 2, "expert": 4})  # 4 rows: split over `data` only
-    got = run(LanguageModel(config, jax.device_put(params, sharding.param_shardings(config, mesh)), mesh))
+    got = run(LanguageModel(config, jax.device_put(params, param_shardings(config, mesh)), mesh))
     assert prompts.shape[1] + 4 > config.index_topk
     np.testing.assert_array_equal(got.tokens, want.tokens)
     np.testing.assert_allclose(got.logits, want.logits, rtol=1e-5, atol=1e-5 * float(np.abs(want.logits).max()))

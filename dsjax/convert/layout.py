@@ -35,7 +35,8 @@ import numpy as np
 from dsjax.hf.checkpoint import CheckpointFormatError
 from dsjax.hf.names import leaf_maps
 from dsjax.model.config import make_config
-from dsjax.sharding import leaf_placer
+from dsjax.model.transformer import param_shardings
+from dsjax.parallel.mesh import leaf_placer
 
 PARAMS_ITEM = "params"
 SCALES_ITEM = "fp8_scales"
@@ -254,7 +255,7 @@ def load_orbax_params(path: str, mesh=None, **overrides):
     The params item is restored with standard Orbax (`StandardCheckpointer`, or
     `dsjax.train.checkpoint.restore_params` for training runs); FP8 kernels are dequantised with
     their scales; leaves are cast to the config's `param_dtype` (router biases stay float32).
-    `mesh`: place each finished leaf onto this mesh (`dsjax.sharding.param_shardings`)."""
+    `mesh`: place each finished leaf onto this mesh (`dsjax.model.param_shardings`)."""
     import orbax.checkpoint as ocp  # noqa: PLC0415
     from etils import epath  # noqa: PLC0415
 
@@ -263,7 +264,7 @@ def load_orbax_params(path: str, mesh=None, **overrides):
 
     source = ParamsSource(path, **overrides)
     config = source.config
-    place = leaf_placer(config, mesh)
+    place = leaf_placer(None if mesh is None else param_shardings(config, mesh))
     if source.kind == "orbax":
         with ocp.StandardCheckpointer() as checkpointer:
             restored = checkpointer.restore(epath.Path(source.path) / PARAMS_ITEM)

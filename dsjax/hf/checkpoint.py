@@ -12,7 +12,8 @@ import numpy as np
 
 from dsjax.hf.names import leaf_maps, mtp_shared_copy_names
 from dsjax.hf.safetensors_io import CheckpointFormatError, CheckpointReader
-from dsjax.sharding import leaf_placer
+from dsjax.model.transformer import param_shardings
+from dsjax.parallel.mesh import leaf_placer
 
 log = logging.getLogger(__name__)
 
@@ -246,12 +247,12 @@ def load_params(reader: CheckpointReader, config, dtype=None, fp8: FP8Format | N
     """All parameters of `config` from an HF checkpoint, as numpy arrays in a nested dict.
 
     `fp8`: the checkpoint's FP8 format (`fp8_format(config.json)`); its block size dequantises.
-    `mesh`: place each leaf onto this mesh (`dsjax.sharding.param_shardings`) as soon as it is read,
+    `mesh`: place each leaf onto this mesh (`dsjax.model.param_shardings`) as soon as it is read,
     so neither the host nor any device ever holds the whole model."""
     maps = leaf_maps(config)
     check_names(reader, config, maps)
     block = fp8.block if fp8 is not None else FP8_BLOCK
-    place = leaf_placer(config, mesh)
+    place = leaf_placer(None if mesh is None else param_shardings(config, mesh))
     params: dict = {}
     for leaf in maps:
         stored_dtype = np.float32 if leaf.path[-1] == "e_score_correction_bias" else (dtype or config.param_dtype)

@@ -23,7 +23,8 @@ import jax
 import jax.numpy as jnp
 
 from dsjax.model.mla import mla_cached
-from dsjax.model.moe import MLP, MoE, _Router
+from dsjax.model.moe import MLP, MoE
+from dsjax.model.router import Router as _Router
 from dsjax.model.norms import RMSNorm
 from dsjax.model.params import contract
 from dsjax.model.rope import rope_tables

@@ -34,13 +34,10 @@ the dense attention mass the top-k keeps. Means run over non-padding queries (se
 
 from __future__ import annotations
 
-import functools
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
-from jax.sharding import AxisType, PartitionSpec
+from jax.sharding import PartitionSpec
 
 from dsjax import kernels
 from dsjax.kernels.indexer_topk import index_scores_reference
@@ -48,7 +45,8 @@ from dsjax.model.indexer import IndexerParts, LightningIndexer, index_scores_at
 from dsjax.model.norms import RMSNorm
 from dsjax.model.params import Kernel, Linear, contract
 from dsjax.model.rope import apply_rope, attention_scaling
-from dsjax.sharding import BATCH_AXES, active_mesh
+from dsjax.parallel.mesh import multi_device_auto_mesh
+from dsjax.parallel.per_shard import per_batch_shard
 
 DSA_STAGES = (None, "dense", "warmup", "sparse")
 
@@ -58,61 +56,12 @@ def check_dsa_stage(dsa_stage) -> None:
         raise ValueError(f"dsa_stage={dsa_stage!r} must be one of {DSA_STAGES}")
 
 
-def _multi_device_auto_mesh():
-    """The active mesh (`jax.set_mesh`) when it has more than one device and only Auto axes, else None."""
-    mesh = active_mesh()
-    if mesh is None or mesh.size == 1 or any(axis_type != AxisType.Auto for axis_type in mesh.axis_types):
-        return None
-    return mesh
-
-
-def _batch_axes_dividing(mesh, batch: int) -> tuple[str, ...]:
-    """The batch axes of `mesh` (in `BATCH_AXES` order) whose sizes, multiplied, divide `batch`."""
-    sizes = dict(mesh.shape)
-    axes, shards = [], 1
-    for axis in BATCH_AXES:
-        size = sizes.get(axis, 1)
-        if size > 1 and batch % (shards * size) == 0:
-            axes.append(axis)
-            shards *= size
-    return tuple(axes)
-
-
-def _per_batch_shard(kernel):
-    """`kernel` (a DSA kernel) run on each device's rows of the batch when a mesh is active.
-
-    A Pallas kernel is a custom call that XLA's SPMD partitioner cannot split: on a mesh XLA would
-    all-gather its operands and run the whole batch on every device. The DSA kernels treat batch rows
-    independently, so under an active mesh (`jax.set_mesh`, Auto axes, more than one device) the call
-    runs inside `jax.shard_map`, the batch dim split over the batch axes that divide it and every
-    other dim replicated. Array operands, positional or keyword, have the batch first or are scalars
-    (replicated: `q_offset`); other keyword arguments are static options; outputs have the batch
-    first. Otherwise `kernel` is called as it is. Both `attention_impl`s take this path.
-    """
-    @functools.wraps(kernel)
-    def run(*operands, **kwargs):
-        mesh = _multi_device_auto_mesh()
-        batch_axes = () if mesh is None else _batch_axes_dividing(mesh, operands[0].shape[0])
-        if not batch_axes:
-            return kernel(*operands, **kwargs)
-        keyword_operands = {name: value for name, value in kwargs.items() if isinstance(value, (jax.Array, np.ndarray))}
-        options = {name: value for name, value in kwargs.items() if name not in keyword_operands}
-        batch_spec = PartitionSpec(batch_axes)
-        in_specs = jax.tree.map(lambda x: batch_spec if np.ndim(x) else PartitionSpec(), (operands, keyword_operands))
-        # check_vma=False: interpret-mode pallas_calls carry no varying-manual-axes annotations.
-        per_shard = jax.shard_map(lambda args, keyword_args: kernel(*args, **keyword_args, **options), mesh=mesh,
-                                  in_specs=in_specs, out_specs=batch_spec, check_vma=False)
-        return per_shard(operands, keyword_operands)
-
-    return run
-
-
-# The DSA kernels as the layers call them.
-indexer_topk = _per_batch_shard(kernels.indexer_topk)
-sparse_mla = _per_batch_shard(kernels.sparse_mla)
-attention_lse = _per_batch_shard(kernels.attention_lse)
-attention_target = _per_batch_shard(kernels.attention_target)
-attention_target_at = _per_batch_shard(kernels.attention_target_at)
+# The DSA kernels as the layers call them: per batch shard under a mesh (`dsjax.parallel.per_shard`).
+indexer_topk = per_batch_shard(kernels.indexer_topk)
+sparse_mla = per_batch_shard(kernels.sparse_mla)
+attention_lse = per_batch_shard(kernels.attention_lse)
+attention_target = per_batch_shard(kernels.attention_target)
+attention_target_at = per_batch_shard(kernels.attention_target_at)
 
 
 def softmax_scale(config) -> float:
@@ -248,7 +197,7 @@ def absorbed_queries(q_nope, q_rope, w_uk):
     latent dim like the weight's kv_lora dim, and then rematerialise the whole batch on every
     device to hand the queries to the per-batch-shard kernels.
     """
-    if _multi_device_auto_mesh() is not None:
+    if multi_device_auto_mesh() is not None:
         w_uk = jax.lax.with_sharding_constraint(w_uk, PartitionSpec())
     return jnp.concatenate([jnp.einsum("bthd,chd->bthc", q_nope, w_uk), q_rope], axis=-1)
 

@@ -2,7 +2,7 @@
 
 Every parameter is created through `nn.with_logical_partitioning`, so `nn.get_partition_spec`
 of an abstract (eval_shape) init gives each leaf's logical axes (`embed`, `heads`, `kv_lora`,
-`q_lora`, `mlp`, `expert`, `vocab`, `layers`, ...); `dsjax.sharding` maps them onto a mesh.
+`q_lora`, `mlp`, `expert`, `vocab`, `layers`, ...); `dsjax.parallel` maps them onto a mesh.
 """
 
 from __future__ import annotations

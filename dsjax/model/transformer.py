@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from dsjax import parallel
 from dsjax.model.mla import MLA, check_dsa_stage
 from dsjax.model.moe import MLP, MoE
 from dsjax.model.mtp import MTPModule
@@ -166,6 +167,23 @@ def abstract_params(config, *, boxed: bool = False):
 def logical_axes(config) -> dict:
     """A pytree like params whose leaves are PartitionSpecs of logical axis names."""
     return nn.get_partition_spec(abstract_params(config, boxed=True))
+
+
+def param_shardings(config, mesh, rules=None, *, like=None):
+    """NamedShardings for every parameter on `mesh` (`dsjax.parallel` rules over the logical axes).
+
+    like: a params-like pytree that may differ from the model (e.g. a checkpoint's): its leaves
+    that the model has (same path and shape) get the model's sharding, the others are replicated.
+    """
+    shapes = abstract_params(config)
+    shardings = parallel.param_shardings(shapes, logical_axes(config), mesh, rules)
+    return shardings if like is None else parallel.shardings_for(like, shapes, shardings, mesh)
+
+
+def init_sharded_params(config, mesh, rng: jax.Array, rules=None) -> dict:
+    """Random parameters created directly in their shards: no host ever holds the whole model."""
+    with jax.set_mesh(mesh):
+        return jax.jit(lambda key: init_params(config, key), out_shardings=param_shardings(config, mesh, rules))(rng)
 
 
 def forward(params, tokens, config, *, segment_ids=None, positions=None, forced_routing=None,

@@ -39,7 +39,7 @@ use ``split(key(seed))[0]``. Restarting from a checkpoint thus reproduces an
 uninterrupted run exactly (the data iterator state is checkpointed too).
 
 Devices: the step runs on a mesh (``config.mesh``, see
-:mod:`dsjax.sharding`; default: data parallel over every device). Parameters
+:mod:`dsjax.parallel`; default: data parallel over every device). Parameters
 are created in their shards (never whole on one device), the optimizer state
 is sharded like the parameters (scalars replicated), each process reads its
 own ``batch_size / process_count`` rows and the global batch is assembled from
@@ -74,11 +74,11 @@ import ml_collections
 import numpy as np
 import optax
 
-from dsjax import distributed
-from dsjax import sharding as sharding_lib
+from dsjax import parallel as sharding_lib
+from dsjax.parallel import distributed
 from dsjax.data import default_data_config, make_dataset
 from dsjax.model.config import make_config
-from dsjax.model.transformer import frozen, init_params
+from dsjax.model.transformer import frozen, init_params, param_shardings
 from dsjax.train import checkpoint as checkpoint_lib
 from dsjax.train import losses as losses_lib
 from dsjax.train import metrics as metrics_lib
@@ -158,7 +158,7 @@ def default_train_config() -> ml_collections.ConfigDict:
         run first in ``WORKDIR/dense_pretrain`` so the attention the indexer
         learns from is not uniform (0: none).
     mesh: the device mesh (axes ``data``, ``fsdp``, ``expert``, ``tensor``;
-      see :mod:`dsjax.sharding`): axis sizes, None for unset, -1 (at most
+      see :mod:`dsjax.parallel`): axis sizes, None for unset, -1 (at most
       one axis) for the remaining devices; ``preset`` names a preset
       ("fsdp", "fsdp_expert", "expert_tensor") whose sizes the other keys
       override. Unset axes are 1, except that ``data`` takes the remaining
@@ -381,12 +381,12 @@ def make_train_step(model_config: Any,
     mesh: run on this mesh (needs ``jit``). The step then takes this
       process's rows of the batch (host or device arrays) and assembles the
       global batch split over the batch axes
-      (:func:`dsjax.sharding.place_batch`); it is jitted with explicit in/out
+      (:func:`dsjax.parallel.place_batch`); it is jitted with explicit in/out
       shardings and runs under ``jax.set_mesh(mesh)``, so MoE layers use
       expert parallelism over the ``expert`` axis. Micro-batches stay split
       over the batch axes.
     state_shardings: a pytree like the state of ``NamedSharding``s on
-      ``mesh`` (:func:`dsjax.sharding.state_shardings`); the state is kept in
+      ``mesh`` (:func:`dsjax.parallel.state_shardings`); the state is kept in
       them. None: the shardings of the first state passed in.
 
   Returns:
@@ -651,7 +651,7 @@ def train(config: Any,
     batch_hook: ``(step, batch) -> batch`` applied to the host batch of step
       ``step`` (1-based) before it is used (testing, data surgery).
     print_fn: console output (one progress line per logged step).
-    mesh: a ``jax.sharding.Mesh`` with the axes of :mod:`dsjax.sharding`
+    mesh: a ``jax.sharding.Mesh`` with the axes of :mod:`dsjax.parallel`
       to run on instead of the one ``config.mesh`` describes (e.g. a mesh over
       a subset of the devices).
 
@@ -711,7 +711,7 @@ def train(config: Any,
   abstract_params = jax.eval_shape(lambda: init_fn(model_config, _init_key(seed)))
   tx = optim.make_optimizer(opt_cfg, abstract_params, trainable)
   mask = optim.trainable_mask(abstract_params, trainable)
-  params_shardings = sharding_lib.shardings_for(abstract_params, model_config, mesh)
+  params_shardings = param_shardings(model_config, mesh, like=abstract_params)
   abstract_state = jax.eval_shape(lambda p: init_train_state(p, tx), abstract_params)
   state_shardings = sharding_lib.state_shardings(abstract_state, params_shardings, mesh)
   if init_params_fn is None:

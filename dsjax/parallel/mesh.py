@@ -11,10 +11,11 @@ serves every layout; the presets only choose sizes:
 
 -1 means "the remaining devices". A dimension that an axis size does not divide stays replicated.
 
-Training (`dsjax.train.loop`) builds its mesh from the config's `mesh` section with
-`mesh_sizes_from_config` (there `data` takes whatever devices no axis claims), creates params and
-optimizer state directly in their shards (`init_sharded_params`, `state_shardings`) and assembles
-each global batch from the rows of every process (`place_batch`).
+Nothing here knows the model: parameter shardings are computed from a model's abstract params and
+logical axis names (`dsjax.model.param_shardings` passes them in). Training builds its mesh from the
+config's `mesh` section with `mesh_sizes_from_config` (there `data` takes whatever devices no axis
+claims), creates params and optimizer state directly in their shards (`state_shardings`) and
+assembles each global batch from the rows of every process (`place_batch`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from typing import Mapping
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from dsjax.tree import path_names
 
 log = logging.getLogger(__name__)
 
@@ -148,23 +151,11 @@ def physical_spec(logical: PartitionSpec | tuple, shape: tuple[int, ...], mesh: 
     return PartitionSpec(*out)
 
 
-def param_shardings(config, mesh: Mesh, rules=None):
-    """A pytree like params of NamedShardings (from the parameters' logical axis names)."""
-    from dsjax.model.transformer import abstract_params, logical_axes
-
-    shapes = abstract_params(config)
-    specs = logical_axes(config)
+def param_shardings(shapes, axes, mesh: Mesh, rules=None):
+    """A pytree like `shapes` (a model's abstract params) of NamedShardings, from `axes` (a like pytree of
+    PartitionSpecs of logical axis names)."""
     return jax.tree_util.tree_map(lambda spec, leaf: NamedSharding(mesh, physical_spec(spec, leaf.shape, mesh, rules)),
-                                  specs, shapes, is_leaf=lambda x: isinstance(x, PartitionSpec))
-
-
-def init_sharded_params(config, mesh: Mesh, rng, rules=None):
-    """Random parameters created directly in their shards: no host ever holds the whole model."""
-    from dsjax.model.transformer import init_params
-
-    shardings = param_shardings(config, mesh, rules)
-    with jax.set_mesh(mesh):
-        return jax.jit(lambda key: init_params(config, key), out_shardings=shardings)(rng)
+                                  axes, shapes, is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
@@ -182,31 +173,19 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
-def _dict_path(path) -> tuple[str, ...] | None:
-    names = []
-    for key in path:
-        if not isinstance(key, jax.tree_util.DictKey):
-            return None
-        names.append(str(key.key))
-    return tuple(names)
-
-
-def shardings_for(abstract_params, config, mesh: Mesh, rules=None):
-    """Shardings for a params pytree that may differ from `config`'s model: leaves of the model (same
-    path and shape) get `param_shardings`, any other leaf is replicated."""
-    from dsjax.model.transformer import abstract_params as model_params
-
+def shardings_for(tree, model_shapes, model_shardings, mesh: Mesh):
+    """Shardings for a pytree that may differ from a model's params: leaves found in the model (same
+    dict path and shape as in `model_shapes`) get the model's sharding, any other leaf is replicated."""
     known = {}
-    model_shardings = param_shardings(config, mesh, rules)
-    for (path, leaf), sharding in zip(jax.tree_util.tree_flatten_with_path(model_params(config))[0],
+    for (path, leaf), sharding in zip(jax.tree_util.tree_flatten_with_path(model_shapes)[0],
                                       jax.tree_util.tree_leaves(model_shardings)):
-        known[_dict_path(path)] = (tuple(leaf.shape), sharding)
+        known[path_names(path)] = (tuple(leaf.shape), sharding)
 
     def pick(path, leaf):
-        shape, sharding = known.get(_dict_path(path), (None, None))
+        shape, sharding = known.get(path_names(path), (None, None))
         return sharding if shape == tuple(leaf.shape) else replicated(mesh)
 
-    return jax.tree_util.tree_map_with_path(pick, abstract_params)
+    return jax.tree_util.tree_map_with_path(pick, tree)
 
 
 def state_shardings(abstract_state, params_shardings, mesh: Mesh):
@@ -215,7 +194,7 @@ def state_shardings(abstract_state, params_shardings, mesh: Mesh):
     A leaf whose path ends in a parameter's path (dict keys) and has that parameter's shape gets the
     parameter's sharding; everything else (step counters, scalars) is replicated.
     """
-    by_path = {_dict_path(path): sharding
+    by_path = {path_names(path): sharding
                for path, sharding in jax.tree_util.tree_flatten_with_path(params_shardings)[0]}
 
     def pick(path, leaf):
@@ -224,7 +203,7 @@ def state_shardings(abstract_state, params_shardings, mesh: Mesh):
         while tail < len(path) and isinstance(path[len(path) - 1 - tail], jax.tree_util.DictKey):
             tail += 1
         for start in range(len(path) - tail, len(path)):
-            sharding = by_path.get(_dict_path(path[start:]))
+            sharding = by_path.get(path_names(path[start:]))
             if sharding is not None and _fits(sharding, shape):
                 return sharding
         return replicated(mesh)
@@ -252,13 +231,13 @@ def place(value, sharding: NamedSharding) -> jax.Array:
     return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
 
 
-def leaf_placer(config, mesh: Mesh | None):
-    """`(path, host array) -> array` putting each parameter into its shards on `mesh` as it is read
-    (`param_shardings`; unknown paths replicated). Without a mesh, arrays are returned as they are."""
-    if mesh is None:
+def leaf_placer(shardings):
+    """`(path, host array) -> array` putting each leaf into its shards as it is read: `shardings` is a
+    params-like pytree of NamedShardings (paths not in it are replicated). None: arrays stay as they are."""
+    if shardings is None:
         return lambda path, value: value
-    by_path = {_dict_path(path): sharding
-               for path, sharding in jax.tree_util.tree_flatten_with_path(param_shardings(config, mesh))[0]}
+    mesh = jax.tree_util.tree_leaves(shardings)[0].mesh
+    by_path = {path_names(path): sharding for path, sharding in jax.tree_util.tree_flatten_with_path(shardings)[0]}
     return lambda path, value: place(value, by_path.get(tuple(path)) or replicated(mesh))
 
 
@@ -280,3 +259,11 @@ def active_mesh():
     """The mesh set with `jax.set_mesh`, or None."""
     mesh = jax.sharding.get_abstract_mesh()
     return None if mesh is None or mesh.empty else mesh
+
+
+def multi_device_auto_mesh():
+    """The active mesh when it has more than one device and only Auto axes, else None."""
+    mesh = active_mesh()
+    if mesh is None or mesh.size == 1 or any(axis_type != AxisType.Auto for axis_type in mesh.axis_types):
+        return None
+    return mesh

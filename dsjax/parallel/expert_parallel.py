@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from dsjax.sharding import BATCH_AXES
+from dsjax.parallel.mesh import BATCH_AXES
 
 
 def capacity(tokens: int, top_k: int, num_shards: int, capacity_factor: float) -> int:
