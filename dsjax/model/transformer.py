@@ -19,7 +19,8 @@ import jax.numpy as jnp
 import ml_collections
 
 from dsjax import parallel
-from dsjax.model.mla import MLA, check_dsa_stage
+from dsjax.model.dsa import check_dsa_stage
+from dsjax.model.mla import MLA
 from dsjax.model.moe import MLP, MoE
 from dsjax.model.mtp import MTPModule
 from dsjax.model.norms import RMSNorm
