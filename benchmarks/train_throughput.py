@@ -4,7 +4,7 @@
                                           [--steps 3] [--mtp] [--skip_hf]
 
 Prints, for one optimizer step (forward, backward, AdamW) on one batch of random tokens:
-  * tokens/s of dsjax's jitted step (`dsjax.train.loop.make_train_step`: pre-training loss, global
+  * tokens/s of dsjax's jitted step (`dsjax.train.step.make_train_step`: pre-training loss, global
     norm, clipping, AdamW, router-bias update), float32, on the default JAX device;
   * model FLOPs utilisation: model FLOPs per step / step time / the matmul peak measured in this
     run (the best of several large float32 `jnp.dot`s on the same device);
@@ -123,14 +123,19 @@ def time_dsjax(config, tokens: np.ndarray, steps: int, opt_cfg) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from dsjax.model.transformer import init_params
-    from dsjax.train import loop, losses, optim
+    import ml_collections
+
+    from dsjax.model import init_params
+    from dsjax.recipes.pretrain import pretraining_loss
+    from dsjax.train import optim
+    from dsjax.train import step as step_lib
 
     params = jax.jit(lambda rng: init_params(config, rng))(jax.random.key(0))
     tx = optim.make_optimizer(opt_cfg, params)
-    state = loop.init_train_state(params, tx)
-    step = loop.make_train_step(config, losses.make_pretraining_loss(0.3, 1e-4), tx, router_bias_update_rate=1e-3,
-                                schedule=optim.make_schedule(opt_cfg))
+    state = step_lib.init_train_state(params, tx)
+    static = ml_collections.FrozenConfigDict(config)
+    step = step_lib.make_train_step(lambda p, frozen, batch, rng: pretraining_loss(p, batch, static), tx,
+                                    router_bias_update_rate=1e-3, schedule=optim.make_schedule(opt_cfg))
     batch_size, seq_len = tokens.shape
     targets = np.zeros_like(tokens)
     targets[:, :-1] = tokens[:, 1:]
@@ -202,13 +207,13 @@ def main(argv=None):
     import torch
 
     from dsjax.model.config import make_config
-    from dsjax.train import optim
+    from dsjax.train.config import default_optimizer_config
 
     overrides = {} if args.mtp else dict(num_mtp_layers=0)
     if args.moe_impl:
         overrides["moe_impl"] = args.moe_impl
     config = make_config(args.model, **overrides)
-    opt_cfg = optim.default_optimizer_config()
+    opt_cfg = default_optimizer_config()
     opt_cfg.warmup_steps = 0
     opt_cfg.schedule = "constant"
     torch.set_num_threads(args.threads or os.cpu_count())

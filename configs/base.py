@@ -1,12 +1,13 @@
 """Shared defaults of every training config: `configs/NAME.py` files start from `get_config()`.
 
-A config is a ConfigDict; see `dsjax.train.loop.default_train_config` for what each key means.
+A config is a ConfigDict; see `dsjax.train.config.default_train_config` for what each key means,
+and `dsjax.recipes` for the recipes `config.recipe` names.
 """
 
 import ml_collections
 
 from dsjax.model.config import make_config
-from dsjax.train.loop import default_train_config
+from dsjax.train.config import default_train_config
 
 
 # The CPU-sized model of the quickstart and the DSA stage configs: 3 layers (one dense, two MoE),

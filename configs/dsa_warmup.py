@@ -18,6 +18,7 @@ from configs import base
 def get_config():
     config = base.get_config()
     config.model = base.model("tiny_v32", **base.TINY_DIMS, **base.TINY_INDEXER)
+    config.recipe = "dsa"
     config.dsa.stage = "warmup"
     config.dsa.dense_pretrain_steps = 150
     config.seq_len = 128

@@ -14,6 +14,7 @@ from configs import base
 def get_config():
     config = base.get_config()
     config.model = base.model("tiny_v32", **base.TINY_DIMS, **base.TINY_INDEXER)
+    config.recipe = "dsa"
     config.dsa.stage = "sparse"
     config.seq_len = 128
     config.batch_size = 8

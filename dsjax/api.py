@@ -5,19 +5,15 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import os
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dsjax.hf.checkpoint import check_names, check_tensors, fp8_format, load_params, resolve_mtp_layers
-from dsjax.hf.config import from_hf, read_hf_config
-from dsjax.hf.names import leaf_maps
-from dsjax.hf.safetensors_io import CheckpointReader
+from dsjax.convert.load import as_mesh, read_checkpoint
 from dsjax.model.transformer import ModelOutput, forward, frozen
-from dsjax.parallel.mesh import batch_shards, batch_sharding, make_mesh, mesh_sizes_from_config, place, replicated
+from dsjax.parallel.mesh import batch_shards, batch_sharding, place, replicated
 
 log = logging.getLogger(__name__)
 
@@ -76,13 +72,13 @@ class LanguageModel:
     def generate(self, input_ids, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
                  seed=0, stop_tokens=(), prompt_lengths=None, *, pad_token: int = 0, callback=None,
                  return_logits: bool = False):
-        """Sample `max_new_tokens` tokens after each prompt; returns a `dsjax.generate.GenerateOutput`.
+        """Sample `max_new_tokens` tokens after each prompt; returns a `dsjax.inference.generate.GenerateOutput`.
 
         input_ids: int [B, T] (or [T]) with prompts **left-padded** (row b's prompt in its last
         `prompt_lengths[b]` columns; None: all T), or a list of token lists of different lengths
-        (left-padded here). temperature 0 is greedy. See `dsjax.generate` for the outputs.
+        (left-padded here). temperature 0 is greedy. See `dsjax.inference.generate` for the outputs.
         """
-        from dsjax.generate import generate, left_pad  # noqa: PLC0415 (keeps `import dsjax` light)
+        from dsjax.inference.generate import generate, left_pad  # noqa: PLC0415 (keeps `import dsjax` light)
 
         if isinstance(input_ids, (list, tuple)) and input_ids and not np.isscalar(input_ids[0]):
             if prompt_lengths is not None:
@@ -117,27 +113,7 @@ def load(path: str, mesh=None, **overrides) -> LanguageModel:
     is read, so no device ever holds the whole model; the model then runs under the mesh.
 
     `overrides` set model config fields, e.g. `dtype="bfloat16"` or `attention_impl="xla"`;
-    `param_dtype` also casts the loaded parameters."""
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"{path}: no such checkpoint directory")
-    from dsjax.convert import layout  # noqa: PLC0415 (orbax is imported only when needed)
-
-    if mesh is not None and not isinstance(mesh, jax.sharding.Mesh):
-        mesh = make_mesh(mesh_sizes_from_config(mesh))
-    on_device = (lambda params: params) if mesh is not None else (
-        lambda params: jax.tree_util.tree_map(jnp.asarray, params))
-    kind = layout.checkpoint_kind(path)
-    if kind != "hf":
-        config, params = layout.load_orbax_params(path, mesh=mesh, **overrides)
-        return LanguageModel(config, on_device(params), mesh)
-    hf_config = read_hf_config(path)
-    config_path = os.path.join(path, "config.json")
-    config = from_hf(hf_config, source=config_path, **overrides)
-    fp8 = fp8_format(hf_config, config_path)
-    reader = CheckpointReader(path)
-    resolve_mtp_layers(reader, config, hf_config, explicit="num_mtp_layers" in overrides)
-    maps = leaf_maps(config)
-    check_names(reader, config, maps)
-    check_tensors(reader, maps, fp8, config_path)
-    params = load_params(reader, config, fp8=fp8, mesh=mesh)
-    return LanguageModel(config, on_device(params), mesh)
+    `param_dtype` also casts the loaded parameters (see `dsjax.convert.load.read_checkpoint`)."""
+    mesh = as_mesh(mesh)
+    config, params = read_checkpoint(path, mesh, **overrides)
+    return LanguageModel(config, params, mesh)

@@ -10,6 +10,9 @@ With a tokenizer that knows DeepSeek's chat markers the prompt goes through the 
 (`--thinking` opens the turn with `<think>`, otherwise `</think>`); otherwise the raw prompt is
 used, after a BOS token, as in training documents. Generation stops at the tokenizer's EOS.
 Tokens are printed from a host callback inside the jitted decode loop, one step at a time.
+
+A bad argument or checkpoint is one `error: ...` line on stderr and exit status 2 (`--verbose`: the
+traceback instead); anything else is a bug and raises with its traceback. See dsjax/cli.py.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ if _REPO_ROOT not in sys.path:
 
 import numpy as np  # noqa: E402
 
+from dsjax import cli  # noqa: E402
+
 
 def load_model(path: str, **overrides):
     """The checkpoint as a `dsjax.LanguageModel`.
@@ -39,14 +44,14 @@ def load_model(path: str, **overrides):
 
 
 def load_tokenizer(spec: str | None, checkpoint: str):
-    from dsjax import chat
+    from dsjax.inference import chat
     from dsjax.data import make_tokenizer
 
     return make_tokenizer(spec) if spec else chat.load_tokenizer(checkpoint)
 
 
 def prompt_ids(tokenizer, prompt: str, *, template: str, thinking: bool, system: str | None) -> list[int]:
-    from dsjax import chat
+    from dsjax.inference import chat
 
     if template == "auto":
         template = "chat" if chat.has_chat_markers(tokenizer) else "raw"
@@ -60,7 +65,7 @@ class StreamPrinter:
     """Host callback: decode the tokens so far and print what is new (whole characters only)."""
 
     def __init__(self, tokenizer, out=None):
-        from dsjax.chat import EOS
+        from dsjax.inference.chat import EOS
 
         self.tokenizer, self.out, self.eos_text = tokenizer, out or sys.stdout, EOS
         self.ids: list[int] = []
@@ -76,7 +81,7 @@ class StreamPrinter:
         self.flush(final=False)
 
     def flush(self, final: bool):
-        from dsjax.chat import decode_with_markers
+        from dsjax.inference.chat import decode_with_markers
 
         text = decode_with_markers(self.tokenizer, self.ids)
         text = text.split(self.eos_text, 1)[0]
@@ -91,7 +96,7 @@ class StreamPrinter:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="checkpoint directory (anything dsjax.load reads)")
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--system", default=None, help="system prompt (chat template only)")
@@ -105,19 +110,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--top_k", type=int, default=0, help="0: off")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", default=None, help="compute dtype override, e.g. bfloat16")
+    parser.add_argument("--verbose", action="store_true",
+                        help="on an error, print the full traceback instead of one 'error: ...' line")
     return parser.parse_args(argv)
 
 
 def run(args: argparse.Namespace):
-    """Load, stream the continuation to stdout; returns (GenerateOutput, the prompt ids), or None on error."""
+    """Load, stream the continuation to stdout; returns (GenerateOutput, the prompt ids)."""
     overrides = {"dtype": args.dtype} if args.dtype else {}
     lm = load_model(args.checkpoint, **overrides)
     tokenizer = load_tokenizer(args.tokenizer, args.checkpoint)
     ids = prompt_ids(tokenizer, args.prompt, template=args.template, thinking=args.thinking, system=args.system)
     if max(ids) >= lm.config.vocab_size:
-        print(f"error: the tokenizer produced id {max(ids)} >= the model's vocab_size {lm.config.vocab_size}",
-              file=sys.stderr)
-        return None
+        raise ValueError(f"the tokenizer produced id {max(ids)} >= the model's vocab_size {lm.config.vocab_size}")
     printer = StreamPrinter(tokenizer)
     start = time.perf_counter()
     out = lm.generate(np.asarray([ids], np.int32), args.max_new_tokens, temperature=args.temperature,
@@ -135,7 +140,12 @@ def run(args: argparse.Namespace):
 
 
 def main(argv=None) -> int:
-    return 0 if run(parse_args(argv)) is not None else 2
+    args = parse_args(argv)
+
+    def generate():
+        run(args)
+
+    return cli.run_main(generate, verbose=args.verbose, where=args.checkpoint)
 
 
 if __name__ == "__main__":

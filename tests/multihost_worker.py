@@ -18,9 +18,9 @@ DEVICES_PER_PROCESS = 2
 def train_config():
     """4 data-parallel steps of a tiny MoE model: a data 2 x fsdp 2 mesh over the 4 devices of 2 processes."""
     from dsjax.model import make_config
-    from dsjax.train import loop
+    from dsjax.train.config import default_train_config
 
-    config = loop.default_train_config()
+    config = default_train_config()
     config.model = make_config("tiny_v3", hidden_size=32, num_layers=2, num_mtp_layers=0, dense_intermediate_size=48,
                                moe_intermediate_size=16)
     config.update(dict(num_steps=4, batch_size=8, seq_len=16, log_every=1, checkpoint_every=2, tensorboard=False,
@@ -36,16 +36,35 @@ def main(workdir: str) -> None:
 
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.config.update("jax_default_matmul_precision", "highest")
+    import dataclasses
+
+    from dsjax.recipes import pretrain
     from dsjax.train import loop
 
     first_rows = []
 
-    def remember(step, batch):
-        if step == 1:
-            first_rows.append(batch["tokens"].tolist())
-        return batch
+    class Remembered:
+        """The pre-training batches; the first one's rows are remembered."""
 
-    result = loop.train(train_config(), workdir, batch_hook=remember, print_fn=print)
+        def __init__(self, inner):
+            self.inner = inner
+
+        def next(self, state):
+            batch = self.inner.next(state)
+            if int(state["step"]) == 0:
+                first_rows.append(batch["tokens"].tolist())
+            return batch
+
+        def get_state(self):
+            return self.inner.get_state()
+
+        def set_state(self, state):
+            self.inner.set_state(state)
+
+    config = train_config()
+    recipe = dataclasses.replace(pretrain.recipe(config),
+                                 batches=lambda *args: Remembered(pretrain.data_batches(*args)))
+    result = loop.train(config, workdir, recipe, print_fn=print)
     report = dict(process_index=jax.process_index(), process_count=jax.process_count(),
                   device_count=jax.device_count(), local_device_count=jax.local_device_count(), step=result.step,
                   loss=result.metrics["loss"], first_rows=first_rows[0])

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from dsjax import chat
-from dsjax.chat import (ASSISTANT, BOS, END_THINK, EOS, THINK, TOOL_CALL_BEGIN, TOOL_CALL_END, TOOL_CALLS_BEGIN,
+from dsjax.inference import chat
+from dsjax.inference.chat import (ASSISTANT, BOS, END_THINK, EOS, THINK, TOOL_CALL_BEGIN, TOOL_CALL_END, TOOL_CALLS_BEGIN,
                         TOOL_CALLS_END, TOOL_OUTPUT_BEGIN, TOOL_OUTPUT_END, TOOL_SEP, USER)
 from dsjax.data import ByteTokenizer, HFTokenizer
 

@@ -390,7 +390,7 @@ def test_training_checkpoint_exports_to_hf_and_loads(v32, v32_orbax, tmp_path):
     import jax.numpy as jnp
     import optax
 
-    from dsjax.train.checkpoint import Checkpointer
+    from dsjax.checkpoint import Checkpointer
 
     config = v32["config"]
     # Saved as a 2-device run would: leaves with an even leading dim split over the devices, so
@@ -560,15 +560,17 @@ def test_cli_reports_errors_without_output(v32, tmp_path, capsys):
     shutil.copytree(v32["fp8_dir"], source)
     _awq(source)
     out = str(tmp_path / "out")
-    assert convert_main(["hf-to-orbax", "--hf_dir", source, "--out", out]) == 1
-    assert "unsupported quantization_config.quant_method='awq'" in capsys.readouterr().err
+    assert convert_main(["hf-to-orbax", "--hf_dir", source, "--out", out]) == 2  # bad input: one line, status 2
+    err = capsys.readouterr().err
+    assert "unsupported quantization_config.quant_method='awq'" in err
+    assert err.strip().splitlines()[-1].startswith("error: ") and "Traceback" not in err
     _no_leftovers(out)
     # dsjax.load refuses the same checkpoint with the same message.
     with pytest.raises(CheckpointFormatError, match="quant_method='awq'"):
         dsjax.load(source)
     # An existing --out is never touched.
     os.makedirs(out)
-    assert convert_main(["hf-to-orbax", "--hf_dir", v32["fp8_dir"], "--out", out]) == 1
+    assert convert_main(["hf-to-orbax", "--hf_dir", v32["fp8_dir"], "--out", out]) == 2
     assert "already exists" in capsys.readouterr().err and os.listdir(out) == []
     # A multi-device mesh is refused (single-host default only), a trivial one accepted.
     assert convert_main(["hf-to-orbax", "--hf_dir", v32["fp8_dir"], "--out", str(tmp_path / "m"),

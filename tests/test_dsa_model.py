@@ -224,13 +224,13 @@ def test_stage_statistics_match_brute_force(stage, impl):
     module = MLA(frozen(config), dsa_stage=stage)
     variables = nn.unbox(jax.jit(module.init)(jax.random.key(2), x, cos, sin, jnp.asarray(segment_ids)))
     apply = jax.jit(functools.partial(module.apply, capture_intermediates=True, mutable=["intermediates"]))
-    (out, aux), state = apply(variables, x, cos, sin, jnp.asarray(segment_ids))
+    (out, aux, _), state = apply(variables, x, cos, sin, jnp.asarray(segment_ids))
     kl, recall = _brute_force_stats(config, variables, state["intermediates"], cos, sin, segment_ids, stage)
     assert kl > 0.05 and 0.2 < recall < 0.99  # far from the degenerate cases
     np.testing.assert_allclose(aux["indexer_kl"], kl, rtol=2e-5)
     np.testing.assert_allclose(aux["topk_attention_recall"], recall, rtol=2e-5)
     # The stage changes only what is reported: the output is the plain sparse / dense one.
-    plain, _ = jax.jit(MLA(frozen(config), dsa_stage=None if stage == "sparse" else "dense").apply)(
+    plain, _, _ = jax.jit(MLA(frozen(config), dsa_stage=None if stage == "sparse" else "dense").apply)(
         variables, x, cos, sin, jnp.asarray(segment_ids))
     np.testing.assert_array_equal(out, plain)
 
@@ -251,7 +251,7 @@ def test_warmup_gradients_are_isolated():
 def test_pallas_decode_matches_xla():
     """Generation over the latent cache runs the same kernels (indexer_topk and sparse_mla with the
     query offset and left padding as segment 0): greedy tokens and logits agree."""
-    from dsjax import generate
+    from dsjax.inference import generate
     from dsjax.api import LanguageModel
 
     rng = np.random.default_rng(3)
@@ -280,7 +280,7 @@ def test_sparse_layer_memory_is_linear_in_length(stage):
 
     def loss(params, x, segment_ids):
         cos, sin = rope_tables(positions_from_segments(segment_ids), config)
-        out, aux = module.apply({"params": params}, x, cos, sin, segment_ids)
+        out, aux, _ = module.apply({"params": params}, x, cos, sin, segment_ids)
         return jnp.mean(out) + sum(aux.values(), 0.0)
 
     def init(x, segment_ids):

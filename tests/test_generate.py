@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import dsjax
-from dsjax import generate as gen
-from dsjax.model.decode import cache_bytes_per_token, init_cache
+from dsjax.inference import generate as gen
+from dsjax.model.cache import cache_bytes_per_token, init_cache
 from hf_reference import HFReference, topk_boundary_ties
 
 NEW = 12  # tokens generated per test
@@ -108,7 +108,8 @@ def test_cache_holds_only_the_latent():
         config = dsjax.make_config(name)
         layers = config.num_layers
         cache = jax.eval_shape(lambda: init_cache(config, 1, 1, jnp.bfloat16))
-        stored = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree_util.tree_leaves(cache))
+        stored = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree_util.tree_leaves(cache.layers))
+        assert cache.segment_ids.shape == (1, 1)  # plus one int32 per column for all layers
         expected = layers * (config.kv_lora_rank + config.qk_rope_head_dim
                              + (config.index_head_dim if config.use_indexer else 0)) * 2
         sizes = cache_bytes_per_token(config)
@@ -117,6 +118,38 @@ def test_cache_holds_only_the_latent():
             config.qk_nope_head_dim + config.qk_rope_head_dim + config.v_head_dim) * 2
     v3 = cache_bytes_per_token(dsjax.make_config("v3_671b"))
     assert v3["uncompressed"] / v3["total"] > 70  # 576 values per layer instead of 128 x 320
+
+
+@pytest.mark.parametrize("preset", ["tiny_v3", "tiny_v32"])
+def test_training_forward_prefill_and_every_decode_step_are_one_function(preset):
+    """The one model body: the training forward pass, a cached prefill and each cached decode step give
+    the same logits at every position (V3.2: sparse top-k attention in all three, over a cache longer
+    than index_topk, so decode steps select among cached keys)."""
+    config = dsjax.make_config(preset, num_mtp_layers=0)
+    params = dsjax.init_params(config, jax.random.key(5))
+    prompt_len, total = 6, 16
+    tokens = jax.random.randint(jax.random.key(6), (2, total), 0, config.vocab_size)
+    if config.use_indexer:
+        assert config.index_topk < total - 1
+    full = dsjax.forward(params, tokens, config).logits  # training: no cache
+
+    cache = init_cache(config, 2, total)
+    prefill = dsjax.forward(params, tokens[:, :prompt_len], config, cache=cache)
+    got = [prefill.logits]
+    cache = prefill.cache
+    assert int(cache.index) == prompt_len and prefill.mtp_logits is None
+    decode = jax.jit(lambda p, t, pos, c: dsjax.forward(p, t, config, positions=pos, cache=c))
+    for column in range(prompt_len, total):
+        out = decode(params, tokens[:, column:column + 1], jnp.full((2, 1), column), cache)
+        got.append(out.logits)
+        cache = out.cache
+    got = np.concatenate([np.asarray(x) for x in got], axis=1)
+    scale = np.abs(np.asarray(full)).max()
+    np.testing.assert_allclose(got, np.asarray(full), rtol=0, atol=2e-6 * scale)
+    # A stale cache (one column not written) would change the answer: the check can fail.
+    broken = cache._replace(layers=jax.tree.map(lambda x: x.at[:, :, 1].set(0), cache.layers))
+    out = decode(params, tokens[:, -1:], jnp.full((2, 1), total - 1), broken._replace(index=jnp.int32(total - 1)))
+    assert np.abs(np.asarray(out.logits[:, 0]) - np.asarray(full[:, -1])).max() > 1e-3 * scale
 
 
 # ----------------------------------------------------------------------------------------------

@@ -126,6 +126,64 @@ def test_bitonic_network_sorts_and_merges_with_index_tie_break(style):
 
 
 # ---------------------------------------------------------------------------------------------
+# Query chunking.
+# ---------------------------------------------------------------------------------------------
+
+
+def _chunk_fn(x, idx, table):
+    """A per-query function with a pytree of [B, c, ...] outputs (a dict holding a tuple); -1
+    indices (the fill) gather row 0 and are zeroed."""
+    rows = jax.vmap(lambda t, i: t[jnp.maximum(i, 0)])(table, idx)  # [B, c, D]
+    rows = jnp.where((idx >= 0)[..., None], rows, 0.0)
+    return {"dot": jnp.sum(x * rows, -1), "pair": (jnp.tanh(x) * rows, idx * 2)}
+
+
+@pytest.mark.parametrize("chunk, exact", [(4, False), (7, False), (29, False), (30, False), (64, False),
+                                          (7, True), (64, True)])
+def test_map_query_chunks_equals_unchunked(chunk, exact):
+    """Ragged T = 30 (no multiple of 4, 7 or 29), pytree outputs: the chunked map equals one call
+    on the whole arrays, values and gradients (under checkpoint); fn sees `chunk` queries per call
+    (all T when one chunk covers T, unless `exact`)."""
+    from dsjax.kernels.chunking import join_chunks, map_query_chunks, split_chunks
+
+    rng = _rng(7)
+    batch, length, dim = 2, 30, 5
+    x = jnp.asarray(rng.standard_normal((batch, length, dim)), jnp.float32)
+    idx = jnp.asarray(rng.integers(-1, 12, (batch, length)), jnp.int32)
+    table = jnp.asarray(rng.standard_normal((batch, 12, dim)), jnp.float32)
+    seen = []
+
+    def fn(xc, ic):
+        seen.append(xc.shape[1])
+        return _chunk_fn(xc, ic, table)
+
+    want = _chunk_fn(x, idx, table)
+    got = map_query_chunks(fn, (x, idx), (0.0, -1), chunk, exact=exact)
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        assert g.shape == w.shape and g.dtype == w.dtype
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-6, atol=1e-6)
+    assert seen == [chunk if exact or chunk < length else length]
+
+    def loss(x, table, chunked):
+        out = (map_query_chunks(lambda xc, ic: _chunk_fn(xc, ic, table), (x, idx), (0.0, -1), chunk,
+                                checkpoint=True, exact=exact) if chunked else _chunk_fn(x, idx, table))
+        return jnp.sum(out["dot"] ** 2) + jnp.sum(jnp.sin(out["pair"][0]))
+
+    grads = jax.grad(loss, argnums=(0, 1))
+    for g, w in zip(grads(x, table, True), grads(x, table, False)):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-6)
+
+    # the split itself: [n, B, c], the tail padded with the fill; join is its inverse
+    split = split_chunks(idx, chunk, -1)
+    n = -(-length // chunk)
+    assert split.shape == (n, batch, chunk)
+    flat = np.asarray(jnp.moveaxis(split, 0, 1).reshape(batch, n * chunk))
+    assert (flat[:, length:] == -1).all()
+    np.testing.assert_array_equal(np.asarray(join_chunks(split, length)), np.asarray(idx))
+
+
+# ---------------------------------------------------------------------------------------------
 # Indexer top-k.
 # ---------------------------------------------------------------------------------------------
 

@@ -2,6 +2,7 @@
 real training loop data-parallel; the result must equal one process training on the same global
 batches, and the checkpoint they wrote together must restore."""
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -14,11 +15,12 @@ import numpy as np
 import pytest
 
 import multihost_worker as worker
+from dsjax import checkpoint as checkpoint_lib
 from dsjax import parallel as sharding
+from dsjax.data import make_dataset
 from dsjax.model import init_sharded_params, param_shardings
 from dsjax.parallel import distributed
-from dsjax.data import make_dataset
-from dsjax.train import checkpoint as checkpoint_lib
+from dsjax.recipes import from_iterable, pretrain
 from dsjax.train import loop
 from dsjax.train import metrics as metrics_lib
 
@@ -77,7 +79,8 @@ def one_process_run(tmp_path_factory):
                for _ in range(config.num_steps)]
     workdir = tmp_path_factory.mktemp("one_process")
     mesh = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
-    return workdir, loop.train(config, str(workdir), dataset=batches, mesh=mesh, print_fn=None)
+    recipe = dataclasses.replace(pretrain.recipe(config), batches=lambda *args: from_iterable(batches))
+    return workdir, loop.train(config, str(workdir), recipe, mesh=mesh, print_fn=None)
 
 
 def test_two_processes_train_like_one(two_process_run, one_process_run):

@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dsjax.model.moe import Routing, route, routed_experts_dense, routed_experts_ragged
+from dsjax.model.moe import routed_experts_dense, routed_experts_gathered, routed_experts_ragged
+from dsjax.model.router import Routing, route
 
 KW = dict(top_k=2, num_groups=4, num_selected_groups=2, routed_scaling_factor=2.5, norm_topk_prob=True)
 
@@ -80,7 +81,10 @@ def test_bias_gets_no_gradient_and_forced_routing_replays():
     np.testing.assert_allclose(np.asarray(replay.weights), s / s.sum(-1, keepdims=True) * 2.5, rtol=1e-5)
 
 
-def test_ragged_experts_equal_dense_experts_with_gradients():
+@pytest.mark.parametrize("implementation", [routed_experts_ragged, routed_experts_gathered])
+def test_routed_expert_implementations_equal_dense_experts_with_gradients(implementation):
+    """Ragged (sorted grouped matmuls) and gathered (decode: each token's k experts' weights) against
+    every expert on every token weighted by a dense combine matrix: values and gradients."""
     rng = np.random.default_rng(2)
     n, d, f, e, k = 40, 9, 7, 6, 2
     x = jnp.asarray(rng.normal(size=(n, d)), jnp.float32)
@@ -91,9 +95,9 @@ def test_ragged_experts_equal_dense_experts_with_gradients():
     def loss(fn, x, *w):
         return jnp.sum(jnp.sin(fn(x, routing, *w)))
 
-    np.testing.assert_allclose(routed_experts_ragged(x, routing, *weights), routed_experts_dense(x, routing, *weights),
+    np.testing.assert_allclose(implementation(x, routing, *weights), routed_experts_dense(x, routing, *weights),
                                rtol=1e-5, atol=1e-5)
-    g_ragged = jax.grad(lambda *a: loss(routed_experts_ragged, *a), argnums=(0, 1, 2, 3))(x, *weights)
+    g_ragged = jax.grad(lambda *a: loss(implementation, *a), argnums=(0, 1, 2, 3))(x, *weights)
     g_dense = jax.grad(lambda *a: loss(routed_experts_dense, *a), argnums=(0, 1, 2, 3))(x, *weights)
     for a, b in zip(g_ragged, g_dense):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)

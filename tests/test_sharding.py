@@ -12,10 +12,12 @@ import pytest
 import dsjax
 from dsjax import parallel as sharding
 from dsjax.model import init_sharded_params, param_shardings
-from dsjax.train import checkpoint as checkpoint_lib
-from dsjax.train import loop
+from dsjax import checkpoint as checkpoint_lib
+from dsjax import recipes
+from dsjax.train import config as config_lib
 from dsjax.train import metrics as metrics_lib
 from dsjax.train import optim
+from dsjax.train import step as step_lib
 
 MESHES = ["fsdp", "fsdp_expert", "expert_tensor", {"data": 2, "expert": 2, "tensor": 2}]
 
@@ -116,7 +118,7 @@ PRESETS = ["fsdp", "fsdp_expert", "expert_tensor"]
 
 def _train_config(**overrides):
     """5 steps of a tiny MoE model (12 routed experts, no MTP) on 8 rows of 16 tokens."""
-    config = loop.default_train_config()
+    config = config_lib.default_train_config()
     config.model = dsjax.make_config("tiny_v3", hidden_size=32, num_layers=2, num_mtp_layers=0,
                                      dense_intermediate_size=48, moe_intermediate_size=16)
     config.update(dict(num_steps=5, batch_size=8, seq_len=16, log_every=1, checkpoint_every=3, tensorboard=False,
@@ -145,7 +147,7 @@ def train_runs(tmp_path_factory):
                 mesh = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
             else:
                 config.mesh.preset = preset
-            runs[preset] = workdir, loop.train(config, str(workdir), mesh=mesh, print_fn=None)
+            runs[preset] = workdir, recipes.run(config, str(workdir), mesh=mesh, print_fn=None)
         return runs[preset]
 
     return run
@@ -185,7 +187,7 @@ def test_checkpoint_from_one_mesh_resumes_on_another(train_runs, tmp_path):
     config = _train_config()
     config.mesh.preset = "expert_tensor"
     lines = []
-    result = loop.train(config, str(workdir), print_fn=lines.append)
+    result = recipes.run(config, str(workdir), print_fn=lines.append)
     assert any("Resuming from step 3" in line for line in lines)
     got = _losses(workdir)
     np.testing.assert_allclose([got[4], got[5]], [want[4], want[5]], rtol=1e-5)
@@ -210,15 +212,15 @@ def test_train_mesh_config_errors():
     config = _train_config(batch_size=4)
     config.mesh.fsdp = -1  # batch split 8 ways
     with pytest.raises(ValueError, match="config.batch_size=4"):
-        loop.train(config, "/nonexistent/never/written", print_fn=None)
+        recipes.run(config, "/nonexistent/never/written", print_fn=None)
     config = _train_config()
     config.mesh.preset = "no_such_preset"
     with pytest.raises(ValueError, match="config.mesh.*no_such_preset"):
-        loop.validate_train_config(config)
+        config_lib.validate_train_config(config)
     assert sharding.mesh_sizes_from_config({"preset": "fsdp_expert", "expert": 2}) == {"fsdp": -1, "expert": 2}
     assert sharding.mesh_sizes_from_config({"preset": "fsdp", "expert": -1}) == {"expert": -1}
     assert sharding.mesh_sizes_from_config({"expert": 4}) == {"expert": 4, "data": -1}
-    assert sharding.mesh_sizes_from_config(loop.default_train_config().mesh) == {"data": -1}
+    assert sharding.mesh_sizes_from_config(config_lib.default_train_config().mesh) == {"data": -1}
     with pytest.raises(ValueError, match="mesh.tensor=0"):
         sharding.mesh_sizes_from_config({"tensor": 0})
 
@@ -248,9 +250,9 @@ def test_load_onto_a_mesh(train_runs, tmp_path):
     np.testing.assert_array_equal(np.asarray(got_tokens), np.asarray(want_tokens))
 
 
-def _toy_moe_loss(params, batch, model_config, rng):
+def _toy_moe_loss(params, frozen, batch, rng):
     """A linear 'router' over 8 experts; its aux reports each expert's load in the batch."""
-    del model_config, rng
+    del frozen, rng
     scores = batch["x"] @ params["moe"]["router"]["kernel"]
     loss = jnp.mean((scores - batch["y"]) ** 2)
     load = jax.nn.one_hot(jnp.argmax(scores, -1), scores.shape[-1]).sum(0)
@@ -262,15 +264,15 @@ def test_accumulated_step_on_a_mesh_equals_the_plain_step():
     params = {"moe": {"router": {"kernel": jnp.asarray(rng.standard_normal((3, 8)), jnp.float32),
                                  "e_score_correction_bias": jnp.zeros(8, jnp.float32)}}}
     batch = dict(x=rng.standard_normal((16, 3)).astype(np.float32), y=rng.standard_normal((16, 8)).astype(np.float32))
-    opt_cfg = optim.default_optimizer_config()
+    opt_cfg = config_lib.default_optimizer_config()
     opt_cfg.update(learning_rate=0.1, warmup_steps=0, schedule="constant")
     tx = optim.make_optimizer(opt_cfg, params)
     common = dict(accumulation_steps=2, router_bias_update_rate=0.01)
     load = np.asarray(jax.nn.one_hot(jnp.argmax(batch["x"] @ params["moe"]["router"]["kernel"], -1), 8).sum(0))
-    fresh_state = lambda: loop.init_train_state(jax.tree.map(jnp.array, params), tx)  # noqa: E731 (steps donate it)
-    want_state, want = loop.make_train_step(None, _toy_moe_loss, tx, **common)(fresh_state(), batch)
+    fresh_state = lambda: step_lib.init_train_state(jax.tree.map(jnp.array, params), tx)  # noqa: E731 (steps donate it)
+    want_state, want = step_lib.make_train_step(_toy_moe_loss, tx, **common)(fresh_state(), batch)
     mesh = sharding.make_mesh({"data": 2, "expert": 4})
-    step = loop.make_train_step(None, _toy_moe_loss, tx, mesh=mesh, **common)
+    step = step_lib.make_train_step(_toy_moe_loss, tx, mesh=mesh, **common)
     got_state, got = step(jax.device_put(fresh_state(), sharding.replicated(mesh)), batch)  # 16 host rows in
     for a, b in zip(jax.tree.leaves(got_state), jax.tree.leaves(want_state)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
@@ -374,7 +376,7 @@ def test_dsa_decoding_on_a_mesh():
     q_offset; 4 rows split over `data` only); greedy tokens and logits equal the one-device run. The
     "xla" kernels: the shard_map path is the same for both impls, and they compile faster."""
     from dsjax.api import LanguageModel
-    from dsjax.generate import left_pad
+    from dsjax.inference.generate import left_pad
 
     config, params = _dsa_config("xla"), _dsa_params()
     rng = np.random.default_rng(2)

@@ -8,7 +8,7 @@ The Orbax layout is described in `dsjax.convert.layout`; how memory stays bounde
 `dsjax.convert.orbax_stream`.
 """
 
-__all__ = ["hf_to_orbax", "orbax_to_hf", "parse_mesh", "MeshNotSupportedError"]
+__all__ = ["hf_to_orbax", "orbax_to_hf", "parse_mesh", "read_checkpoint", "MeshNotSupportedError"]
 
 
 def __getattr__(name):
@@ -17,6 +17,10 @@ def __getattr__(name):
         from dsjax.convert import to_orbax  # noqa: PLC0415
 
         return getattr(to_orbax, name)
+    if name == "read_checkpoint":
+        from dsjax.convert.load import read_checkpoint  # noqa: PLC0415
+
+        return read_checkpoint
     if name == "orbax_to_hf":
         from dsjax.convert import to_hf  # noqa: PLC0415
 

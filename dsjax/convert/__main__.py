@@ -9,6 +9,10 @@ Both stream tensor by tensor (peak memory ~ a few of the largest single tensors,
 print progress on stderr, write into a temporary directory beside --out and rename it into place
 only after verifying the result; on any error nothing is left behind. Load any of these
 directories with `dsjax.load(path)`.
+
+Exit status: 0 done; 2 bad input (a missing, malformed or unsupported checkpoint, an existing --out, a bad
+argument: one `error: ...` line on stderr, or with --verbose the traceback); 130/143 interrupted (SIGINT/
+SIGTERM); anything else is a bug and raises with its traceback (status 1). See dsjax/cli.py.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ import logging
 import os
 import signal
 import sys
+
+from dsjax import cli
 
 _EPILOG = """examples:
   python -m dsjax.convert hf-to-orbax --hf_dir /ckpt/DeepSeek-V3.2 --out /ckpt/v32-orbax
@@ -29,11 +35,13 @@ _MESH_HELP = ("device mesh as AXIS=SIZE pairs, e.g. 'expert=4,data=2'. NOT IMPLE
               "single-host default: only an omitted mesh (or all sizes 1) is accepted; a larger mesh is refused "
               "with an error. The output does not depend on it: each layer/expert slice is its own chunk, so "
               "Orbax restores the checkpoint onto any mesh given at load time.")
+_VERBOSE_HELP = ("also show Orbax/TensorStore log messages, and on an error the full traceback instead of one "
+                 "'error: ...' line")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dsjax-convert", description=__doc__, epilog=_EPILOG,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(prog="dsjax-convert", description=__doc__, epilog=_EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True, metavar="{hf-to-orbax,orbax-to-hf}")
 
     a = commands.add_parser("hf-to-orbax", help="official HF checkpoint -> dsjax Orbax checkpoint",
@@ -55,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "leaf count, shapes and dtypes only (values were checked finite before writing)")
     a.add_argument("--overwrite", action="store_true", help="replace an existing --out (only once the new one is complete)")
     a.add_argument("--quiet", action="store_true", help="no progress output")
-    a.add_argument("--verbose", action="store_true", help="also show Orbax/TensorStore log messages")
+    a.add_argument("--verbose", action="store_true", help=_VERBOSE_HELP)
 
     b = commands.add_parser("orbax-to-hf", help="dsjax Orbax / training checkpoint -> official HF layout",
                             description="Write the params of a converted checkpoint or of a training run as an "
@@ -79,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "dsjax_model_config.json (default: the one stored with the checkpoint)")
     b.add_argument("--overwrite", action="store_true", help="replace an existing --out (only once the new one is complete)")
     b.add_argument("--quiet", action="store_true", help="no progress output")
-    b.add_argument("--verbose", action="store_true", help="also show Orbax/TensorStore log messages")
+    b.add_argument("--verbose", action="store_true", help=_VERBOSE_HELP)
     return parser
 
 
@@ -120,7 +128,8 @@ def main(argv=None) -> int:
     from dsjax.convert.to_orbax import MeshNotSupportedError  # noqa: PLC0415
 
     stream = None if args.quiet else sys.stderr
-    try:
+
+    def convert():
         if args.command == "hf-to-orbax":
             hf_to_orbax(args.hf_dir, args.out, dtype=args.dtype, keep_fp8=args.keep_fp8, mesh=args.mesh,
                         verify=args.verify, overwrite=args.overwrite, stream=stream)
@@ -128,16 +137,15 @@ def main(argv=None) -> int:
             orbax_to_hf(args.ckpt, args.out, fp8=args.fp8, dtype=args.dtype, scale_fmt=args.scale_fmt,
                         max_shard_size=args.max_shard_size, model_config=args.model_config,
                         overwrite=args.overwrite, stream=stream)
+
+    try:
+        # A --mesh beyond the single-host default is refused like bad input (it is an argument).
+        return cli.run_main(convert, verbose=args.verbose,
+                            where=args.hf_dir if args.command == "hf-to-orbax" else args.ckpt,
+                            errors=cli.BAD_INPUT_ERRORS + (MeshNotSupportedError,))
     except (KeyboardInterrupt, _Terminated) as e:
         print("dsjax-convert: interrupted; the partial output was removed", file=sys.stderr)
         return 130 if isinstance(e, KeyboardInterrupt) else 143
-    except MeshNotSupportedError as e:
-        print(f"dsjax-convert: error: {e}", file=sys.stderr)
-        return 2
-    except (OSError, ValueError, KeyError) as e:
-        print(f"dsjax-convert: error: {e}", file=sys.stderr)
-        return 1
-    return 0
 
 
 if __name__ == "__main__":

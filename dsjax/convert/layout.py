@@ -15,7 +15,7 @@ FP8-kept kernels are stored in the dsjax layout `[*stack, *in, *out]` as float8_
 slice as the matrix `[in, out]`, its scale has shape `[ceil(in / 128), ceil(out / 128)]` and
 `W[i, o] = q[i, o] * scale[i // 128, o // 128]` (the transpose of HF's `weight_scale_inv`).
 
-A training run (`dsjax.train.checkpoint.Checkpointer`): `WORKDIR/checkpoints/<step>/state/` holds
+A training run (`dsjax.checkpoint.Checkpointer`): `WORKDIR/checkpoints/<step>/state/` holds
 the train state with the params under `params`, `<step>/config/` the run config (JSON). The model
 config is the run config's `model` entry (a dict of model fields, optionally with a `preset`/`name`,
 a preset name, or "hf" with `init_from`) plus its `model_overrides`, or the run config itself when
@@ -106,7 +106,7 @@ def config_from_spec(spec: str, **overrides) -> ml_collections.ConfigDict:
 def model_config_from_run_config(run: Any, source: str, **overrides) -> ml_collections.ConfigDict:
     """The model config inside a saved run config (see the module docstring for the accepted forms).
 
-    Follows `dsjax.train.loop.model_config_from`: `model` is a preset name, a dict of model fields
+    Follows `dsjax.train.config.model_config_from`: `model` is a preset name, a dict of model fields
     (optionally with `preset`/`name`), or "hf" (the HF checkpoint at `init_from`), and
     `model_overrides` are applied on top."""
     candidate = run
@@ -167,7 +167,7 @@ class ParamsSource:
                                                              **overrides))
             self.description = f"converted checkpoint {self.path}"
         else:
-            from dsjax.train import checkpoint as train_ckpt  # noqa: PLC0415
+            from dsjax import checkpoint as train_ckpt  # noqa: PLC0415
             from etils import epath  # noqa: PLC0415
 
             self.step_dir = str(train_ckpt._resolve_step_dir(epath.Path(self.path)))  # noqa: SLF001
@@ -253,14 +253,14 @@ def load_orbax_params(path: str, mesh=None, **overrides):
     """(model config, params as numpy) of a converted checkpoint or a training checkpoint.
 
     The params item is restored with standard Orbax (`StandardCheckpointer`, or
-    `dsjax.train.checkpoint.restore_params` for training runs); FP8 kernels are dequantised with
+    `dsjax.checkpoint.restore_params` for training runs); FP8 kernels are dequantised with
     their scales; leaves are cast to the config's `param_dtype` (router biases stay float32).
     `mesh`: place each finished leaf onto this mesh (`dsjax.model.param_shardings`)."""
     import orbax.checkpoint as ocp  # noqa: PLC0415
     from etils import epath  # noqa: PLC0415
 
     from dsjax.convert.fp8 import dequantize_leaf  # noqa: PLC0415
-    from dsjax.train.checkpoint import restore_params  # noqa: PLC0415
+    from dsjax.checkpoint import restore_params  # noqa: PLC0415
 
     source = ParamsSource(path, **overrides)
     config = source.config

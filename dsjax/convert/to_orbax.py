@@ -13,7 +13,6 @@ import numpy as np
 
 from dsjax.convert import layout
 from dsjax.convert.fp8 import E4M3, FP8_DTYPES, all_finite, has_nan_fp8
-from dsjax.hf.names import dict_paths
 from dsjax.convert.orbax_stream import OrbaxArrays, StreamedArray, checksum, save_arrays, save_streamed
 from dsjax.convert.progress import Progress
 from dsjax.convert.staging import staged_directory
@@ -22,6 +21,7 @@ from dsjax.hf.checkpoint import (SCALE_SUFFIX, CheckpointFormatError, check_name
 from dsjax.hf.config import from_hf, read_hf_config, to_hf
 from dsjax.hf.names import leaf_maps, mtp_shared_copy_names
 from dsjax.hf.safetensors_io import CheckpointReader
+from dsjax.tree import dict_paths
 
 log = logging.getLogger(__name__)
 

@@ -13,6 +13,7 @@ import dataclasses
 import numpy as np
 
 from dsjax.model.transformer import abstract_params
+from dsjax.tree import dict_paths
 
 # Relative to `model.layers.{i}.`; `{expert}` is filled per routed expert.
 LAYER_NAMES = {
@@ -126,15 +127,6 @@ class LeafMap:
             return dsjax_slice.reshape(self.hf_shape)
         out_size, in_size = self.hf_shape
         return np.ascontiguousarray(dsjax_slice.reshape(in_size, out_size).T)
-
-
-def dict_paths(tree, prefix=()):
-    """(path tuple, leaf) for every leaf of a nested dict."""
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            yield from dict_paths(value, prefix + (key,))
-        else:
-            yield prefix + (key,), value
 
 
 def leaf_maps(config) -> list[LeafMap]:

@@ -1,4 +1,5 @@
-"""Autoregressive generation: a jitted prefill + `lax.while_loop` decode over MLA's latent cache.
+"""Autoregressive generation: a jitted prefill + `lax.while_loop` decode, both the model's one forward
+pass (`dsjax.model.forward`) over MLA's latent cache (`dsjax.model.cache`).
 
     out = generate(params, config, prompts, max_new_tokens=64, temperature=0.7, top_p=0.95, seed=0)
     out.tokens              # [B, T + N]: the (left-padded) prompts, then the generated tokens
@@ -48,8 +49,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dsjax.model.decode import forward_cached, init_cache
-from dsjax.model.transformer import frozen
+from dsjax.model.cache import init_cache
+from dsjax.model.transformer import forward, frozen
 
 
 class SampleResult(NamedTuple):
@@ -118,15 +119,21 @@ def truncation_mask(logits: jax.Array, cutoff: jax.Array) -> jax.Array:
     return logits >= cutoff[..., None]
 
 
+def sampling_log_softmax(logits: jax.Array, cutoff: jax.Array, temperature: float) -> jax.Array:
+    """The whole sampling distribution, [..., V] log-probs: log_softmax(logits / T) over the kept set
+    (`logits >= cutoff`), -inf outside it. Temperature 0 (greedy) scales by 1."""
+    scale = temperature if temperature > 0 else 1.0
+    masked = jnp.where(truncation_mask(logits, cutoff), logits.astype(jnp.float32) / scale, -jnp.inf)
+    return jax.nn.log_softmax(masked, axis=-1)
+
+
 def sampling_log_probs(logits: jax.Array, tokens: jax.Array, cutoff: jax.Array, temperature: float) -> jax.Array:
     """log-prob of `tokens` under the sampling distribution: softmax(logits / T) over the kept set.
 
     The pi_theta of GRPO with the sampler's truncation applied ("keep sampling mask"); with the
     sampler's own logits it reproduces `GenerateOutput.sampling_logprobs`. Differentiable in logits.
     """
-    scale = temperature if temperature > 0 else 1.0
-    masked = jnp.where(truncation_mask(logits, cutoff), logits.astype(jnp.float32) / scale, -jnp.inf)
-    logp = jax.nn.log_softmax(masked, axis=-1)
+    logp = sampling_log_softmax(logits, cutoff, temperature)
     return jnp.take_along_axis(logp, tokens[..., None].astype(jnp.int32), axis=-1)[..., 0]
 
 
@@ -219,12 +226,23 @@ def _generate(params, prompts, prompt_lengths, rng, config, max_new_tokens, temp
     num_moe = c.num_layers - c.num_dense_layers
     stop_ids = jnp.asarray(stop_tokens if stop_tokens else (-1,), jnp.int32)
 
-    logits, cache, routing = forward_cached(params, prompts, cache, c, write_index=0, starts=starts, last_only=True)
+    def advance(tokens, cache):
+        """The model on new tokens [B, Tq] at the cache's next columns -> (last logits [B, V], cache,
+        their routed experts [L_moe, B, Tq, k] or None)."""
+        columns = cache.index + jnp.arange(tokens.shape[1])
+        real = columns[None, :] >= starts[:, None]  # left padding is segment 0
+        positions = jnp.where(real, columns[None, :] - starts[:, None], columns[None, :])
+        out = forward(params, tokens, c, segment_ids=real.astype(jnp.int32), positions=positions, cache=cache,
+                      last_only=True)
+        routing = out.aux["moe_layers"]["expert_indices"] if num_moe else None
+        return out.logits[:, -1], out.cache, routing
+
+    logits, cache, routing = advance(prompts, cache)
     experts = {}
     if num_moe:
         filler = jnp.broadcast_to(jnp.arange(c.num_experts_per_token, dtype=jnp.int32),
                                   (num_moe, batch, total_inputs, c.num_experts_per_token))
-        experts["moe_layers"] = jax.lax.dynamic_update_slice_in_dim(filler, routing["moe_layers"], 0, axis=2)
+        experts["moe_layers"] = jax.lax.dynamic_update_slice_in_dim(filler, routing, 0, axis=2)
 
     buffers = dict(
         tokens=jnp.full((batch, steps), pad_token, jnp.int32),
@@ -252,7 +270,7 @@ def _generate(params, prompts, prompt_lengths, rng, config, max_new_tokens, temp
             jax.debug.callback(callback, step, token, ended, ordered=True)
         return token, ended | jnp.isin(token, stop_ids), buffers
 
-    token, ended, buffers = record(0, logits[:, -1], jnp.zeros((batch,), bool), buffers)
+    token, ended, buffers = record(0, logits, jnp.zeros((batch,), bool), buffers)
 
     def cond(state):
         step, _, ended, *_ = state
@@ -260,12 +278,11 @@ def _generate(params, prompts, prompt_lengths, rng, config, max_new_tokens, temp
 
     def body(state):
         step, token, ended, cache, experts, buffers = state
-        column = prompt_len + step - 1  # where the previous token goes
-        logits, cache, routing = forward_cached(params, token[:, None], cache, c, write_index=column, starts=starts)
+        column = cache.index  # where the previous token goes: prompt_len + step - 1
+        logits, cache, routing = advance(token[:, None], cache)
         if num_moe:
-            experts = {"moe_layers": jax.lax.dynamic_update_slice_in_dim(experts["moe_layers"], routing["moe_layers"],
-                                                                        column, axis=2)}
-        token, ended, buffers = record(step, logits[:, 0], ended, buffers)
+            experts = {"moe_layers": jax.lax.dynamic_update_slice_in_dim(experts["moe_layers"], routing, column, axis=2)}
+        token, ended, buffers = record(step, logits, ended, buffers)
         return step + 1, token, ended, cache, experts, buffers
 
     state = (jnp.int32(1), token, ended, cache, experts, buffers)

@@ -32,27 +32,12 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from dsjax.kernels import _backend as be
+from dsjax.kernels.chunking import map_query_chunks
 from dsjax.kernels.sparse_mla import _bdot, _gather_block, _gather_rows, _over_row_chunks, _used_chunks
 
 
 def _prepare(q, kv, segment_ids, kv_segment_ids, q_offset):
     return be.visibility_inputs(segment_ids, kv_segment_ids, q_offset, q.shape[0], q.shape[1], kv.shape[1])
-
-
-def _chunked(fn, arrays, fills, batch, length, chunk):
-    """Apply fn to query chunks of [B, T, ...] arrays; outputs [B, chunk, ...] are re-joined."""
-    if chunk >= length:
-        return fn(*arrays)
-    chunks = be.cdiv(length, chunk)
-    padded = chunks * chunk
-
-    def split(x, fill):
-        x = be.pad_axis(x, 1, padded, fill)
-        return jnp.moveaxis(x.reshape(batch, chunks, chunk, *x.shape[2:]), 1, 0)
-
-    outs = jax.lax.map(lambda a: fn(*a), tuple(split(x, f) for x, f in zip(arrays, fills)))
-    join = lambda y: jnp.moveaxis(y, 0, 1).reshape(batch, padded, *y.shape[3:])[:, :length]
-    return jax.tree.map(join, outs)
 
 
 def _dense_chunk_scores(q, kv, pos, seg, kv_seg, scale):
@@ -87,23 +72,23 @@ def _default_chunk(batch, heads, keys, budget=64 << 20):
 def attention_lse_reference(q, kv, segment_ids=None, *, scale, kv_segment_ids=None, q_offset=None,
                             query_chunk=None):
     seg, kv_seg, pos = _prepare(q, kv, segment_ids, kv_segment_ids, q_offset)
-    batch, length, heads, _ = q.shape
+    batch, _, heads, _ = q.shape
     chunk = query_chunk or _default_chunk(batch, heads, kv.shape[1])
     fn = lambda qc, pc, sc: _safe_lse(_dense_chunk_scores(qc, kv, pc, sc, kv_seg, scale), -1)
-    return _chunked(fn, (q, pos, seg), (0, -1, 0), batch, length, chunk)
+    return map_query_chunks(fn, (q, pos, seg), (0, -1, 0), chunk)
 
 
 def attention_target_reference(q, kv, segment_ids=None, *, scale, kv_segment_ids=None, q_offset=None,
                                query_chunk=None):
     seg, kv_seg, pos = _prepare(q, kv, segment_ids, kv_segment_ids, q_offset)
-    batch, length, heads, _ = q.shape
+    batch, _, heads, _ = q.shape
     chunk = query_chunk or _default_chunk(batch, heads, kv.shape[1])
 
     def fn(qc, pc, sc):
         s = _dense_chunk_scores(qc, kv, pc, sc, kv_seg, scale)
         return jnp.mean(_probs(s, _safe_lse(s, -1)[..., None]), axis=2)
 
-    return _chunked(fn, (q, pos, seg), (0, -1, 0), batch, length, chunk)
+    return map_query_chunks(fn, (q, pos, seg), (0, -1, 0), chunk)
 
 
 def attention_target_at_reference(q, kv, indices, *, scale, lse=None, normalize=True, query_chunk=None):
@@ -119,7 +104,7 @@ def attention_target_at_reference(q, kv, indices, *, scale, lse=None, normalize=
         norm = _safe_lse(s, -1) if lse is None else lc
         return jnp.mean(_probs(s, norm[..., None]), axis=2)
 
-    p = _chunked(fn, (q, indices, lse_in), (0, -1, 0), batch, length, chunk)
+    p = map_query_chunks(fn, (q, indices, lse_in), (0, -1, 0), chunk)
     return _normalized(p) if normalize else p
 
 
@@ -470,15 +455,7 @@ def _at_call_tpu(q, kv, indices, lse, scale, block_t, block_k, prefetch_limit, b
     k_pad = be.round_up(k, block_k)
     span = max(block_t, (prefetch_limit // max(1, batch * k_pad)) // block_t * block_t)
     span = min(span, be.round_up(length, block_t))
-    chunks = be.cdiv(length, span)
-    t_pad = chunks * span
     lse_in = jnp.zeros((batch, length, heads), jnp.float32) if lse is None else lse.astype(jnp.float32)
-
-    def blocked(x, fill=0):  # [B, T, ...] -> [chunks, B, span, ...]
-        x = be.pad_axis(x, 1, t_pad, fill)
-        return jnp.moveaxis(x.reshape(batch, chunks, span, *x.shape[2:]), 1, 0)
-
-    q_c, i_c, l_c = blocked(q), blocked(be.pad_axis(indices, 2, k_pad, -1), -1), blocked(lse_in[..., None])
     call = pl.pallas_call(
         functools.partial(_at_kernel_tpu, scale=scale, block_k=block_k, t_pad=span, k_pad=k_pad,
                           given_lse=lse is not None),
@@ -494,8 +471,9 @@ def _at_call_tpu(q, kv, indices, lse, scale, block_t, block_k, prefetch_limit, b
         compiler_params=_tpu_params("parallel", "arbitrary"),
         interpret=backend.interpret,
         name="attention_target_at_tpu")
-    p = jax.lax.map(lambda a: call(a[1].reshape(-1), a[0], a[1], a[2], kv), (q_c, i_c, l_c))
-    return jnp.moveaxis(p, 0, 1).reshape(batch, t_pad, k_pad)[:, :length, :k]
+    fn = lambda qc, ic, lc: call(ic.reshape(-1), qc, ic, lc, kv)
+    arrays = (q, be.pad_axis(indices, 2, k_pad, -1), lse_in[..., None])
+    return map_query_chunks(fn, arrays, (0, -1, 0), span, exact=True)[..., :k]
 
 
 # ---------------------------------------------------------------------------------------------

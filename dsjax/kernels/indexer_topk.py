@@ -8,6 +8,8 @@ key index first (the order of `jax.lax.top_k`, which the dense model path uses, 
 the same set); slots a query cannot fill (it sees fewer than K keys) come last, as index -1
 with score -inf.
 
+- `index_scores`: the formula above (unmasked), the one written copy: the references and
+  `dsjax.model.indexer.index_scores_at` call it; the Pallas tiles spell it as 2-D dots per head.
 - `indexer_topk_reference`: pure JAX; scores one query chunk at a time ([B, chunk, S], heads
   reduced in the chunk) and keeps its `jax.lax.top_k`, so memory is O(T K + chunk S).
 - the Pallas kernels score a [block_t, block_s] tile at a time (one head at a time, so nothing
@@ -34,6 +36,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from dsjax.kernels import _backend as be
+from dsjax.kernels.chunking import map_query_chunks
 
 _SENTINEL = jnp.iinfo(jnp.int32).max
 
@@ -47,39 +50,38 @@ def _prepare(q, k, w, segment_ids, kv_segment_ids, q_offset, topk, scale):
     return segment_ids, kv_segment_ids, q_pos, min(int(topk), keys), scale
 
 
+def index_scores(q, keys, w, scale):
+    """The index score formula, sum_h w[.., h] * ReLU(q[.., h] . keys[.., s] * scale), unmasked.
+
+    q [..., H, d], keys [..., S, d], w [..., H] -> [..., S] float32 (computed in float32); the
+    leading dims are batch dims, equal in all three. One query's own keys (gathered rows) call it
+    directly; keys shared by many queries go through `jax.vmap` over the query axis.
+    """
+    logits = jnp.einsum("...hd,...sd->...sh", q.astype(jnp.float32), keys.astype(jnp.float32))
+    return jnp.einsum("...sh,...h->...s", jax.nn.relu(logits * scale), w.astype(jnp.float32))
+
+
 def _map_score_chunks(reduce, q, k, w, segment_ids, scale, kv_segment_ids, q_offset, query_chunk):
     """reduce(masked scores [B, c, S] float32) over query chunks, re-joined along T.
 
-    Heads are reduced per chunk, so at most [B, c, H, S] exists (c: ~64 MiB by default); with a
+    Heads are reduced per chunk, so at most [B, c, S, H] exists (c: ~64 MiB by default); with a
     top-k `reduce` nothing of size [T, S] is kept either.
     """
     segment_ids, kv_segment_ids, q_pos, _, scale = _prepare(q, k, w, segment_ids, kv_segment_ids, q_offset, 1, scale)
     batch, length, heads, _ = q.shape
     keys = k.shape[1]
-    k32 = k.astype(jnp.float32)
     k_pos = jnp.arange(keys, dtype=jnp.int32)
+    # queries of a chunk (axis 1) against the shared keys of their batch row
+    shared_keys = jax.vmap(index_scores, in_axes=(1, None, 1, None), out_axes=1)
 
     def chunk_scores(qc, wc, pc, sc):  # [B, c, H, d], [B, c, H], [B, c], [B, c]
-        logits = jnp.einsum("bthd,bsd->bths", qc.astype(jnp.float32), k32)
-        logits = jax.nn.relu(logits * scale)
-        scores = jnp.einsum("bths,bth->bts", logits, wc.astype(jnp.float32))
+        scores = shared_keys(qc, k, wc, scale)
         visible = be.visibility(pc, sc, k_pos[None], kv_segment_ids)
         return reduce(jnp.where(visible, scores, -jnp.inf))
 
-    if query_chunk is None:  # keep the per-chunk [B, c, H, S] tensor near 64 MiB
+    if query_chunk is None:  # keep the per-chunk [B, c, S, H] tensor near 64 MiB
         query_chunk = max(1, min(length, (64 << 20) // max(1, 4 * batch * heads * keys)))
-    if query_chunk >= length:
-        return chunk_scores(q, w, q_pos, segment_ids)
-    chunks = be.cdiv(length, query_chunk)
-    padded = chunks * query_chunk
-
-    def split(x):  # [B, T, ...] -> [chunks, B, c, ...]
-        x = be.pad_axis(x, 1, padded)
-        return jnp.moveaxis(x.reshape(batch, chunks, query_chunk, *x.shape[2:]), 1, 0)
-
-    out = jax.lax.map(lambda a: chunk_scores(*a), (split(q), split(w), split(q_pos), split(segment_ids)))
-    join = lambda y: jnp.moveaxis(y, 0, 1).reshape(batch, padded, *y.shape[3:])[:, :length]  # noqa: E731
-    return jax.tree.map(join, out)
+    return map_query_chunks(chunk_scores, (q, w, q_pos, segment_ids), (0, 0, 0, 0), query_chunk)
 
 
 def index_scores_reference(q, k, w, segment_ids=None, *, scale=None, kv_segment_ids=None, q_offset=None,
@@ -236,6 +238,8 @@ def _tile_scores(q_ref, w_ref, k_ref, kseg_ref, q_pos, q_seg, base, start, *, bl
     size [bt, H, block_s]); keys in chunks of key_chunk (the GPU dot's operand tile)."""
     block_t = q_pos.shape[0]
 
+    # `index_scores` in a kernel's terms: its einsum is a batched dot (Triton lowers 2-D dots only)
+    # over all heads at once, a [bt, key_chunk, H] tile; here heads accumulate one 2-D dot at a time.
     def chunk_scores(j):  # [bt, key_chunk]
         k = k_ref[pl.ds(base + j * key_chunk, key_chunk), :]
 

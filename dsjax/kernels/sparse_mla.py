@@ -39,6 +39,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from dsjax.kernels import _backend as be
+from dsjax.kernels.chunking import join_chunks, map_query_chunks, split_chunks
 
 
 # ---------------------------------------------------------------------------------------------
@@ -89,29 +90,15 @@ def sparse_mla_reference(q, kv, indices, *, scale: float, dv: int, query_chunk: 
     Memory O(B T H Dk + chunk K Dk) forward and backward (autodiff through a checkpointed
     `lax.map` over query chunks).
     """
-    batch, length, heads, dk = q.shape
-    k = indices.shape[-1]
+    batch, _, heads, dk = q.shape
     if query_chunk is None:
-        query_chunk = _default_chunk(batch, heads, k, dk, kv.dtype.itemsize)
-    query_chunk = min(query_chunk, length)
+        query_chunk = _default_chunk(batch, heads, indices.shape[-1], dk, kv.dtype.itemsize)
 
     def chunk(qc, ic):
         rows, valid = _gather_rows(kv, ic)
         return _attend_rows(qc, rows, valid, scale, dv)
 
-    if query_chunk >= length:
-        return jax.checkpoint(chunk)(q, indices)
-    chunks = be.cdiv(length, query_chunk)
-    padded = chunks * query_chunk
-
-    def split(x, fill):
-        x = be.pad_axis(x, 1, padded, fill)
-        return jnp.moveaxis(x.reshape(batch, chunks, query_chunk, *x.shape[2:]), 1, 0)
-
-    out, lse = jax.lax.map(lambda a: jax.checkpoint(chunk)(*a), (split(q, 0), split(indices, -1)))
-    out = jnp.moveaxis(out, 0, 1).reshape(batch, padded, heads, dv)[:, :length]
-    lse = jnp.moveaxis(lse, 0, 1).reshape(batch, padded, heads)[:, :length]
-    return out, lse
+    return map_query_chunks(chunk, (q, indices), (0, -1), query_chunk, checkpoint=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -472,13 +459,7 @@ def _tpu_call(kernel_fn, q, kv, indices, extra_blocked, scale, dv, block_t, bloc
     block_t, block_k, _, k_pad = _blocks(length, indices.shape[-1], block_t, block_k)
     span = max(block_t, (prefetch_limit // max(1, batch * k_pad)) // block_t * block_t)
     span = min(span, be.round_up(length, block_t))
-    chunks = be.cdiv(length, span)
-    t_pad = chunks * span
-    ip = be.pad_axis(be.pad_axis(indices, 2, k_pad, -1), 1, t_pad, -1)
-
-    def blocked(x, fill=0):
-        x = be.pad_axis(x, 1, t_pad, fill)
-        return jnp.moveaxis(x.reshape(batch, chunks, span, *x.shape[2:]), 1, 0)
+    ip = be.pad_axis(indices, 2, k_pad, -1)
 
     def spec(x):
         nd = x.ndim - 1  # per-chunk rank
@@ -487,7 +468,6 @@ def _tpu_call(kernel_fn, q, kv, indices, extra_blocked, scale, dv, block_t, bloc
     grid = (batch, span // block_t)
     params = dict(scale=scale, dv=dv, block_k=block_k, t_pad=span, k_pad=k_pad)
     compiler_params = pltpu.CompilerParams(dimension_semantics=("arbitrary", "arbitrary"))
-    q_c, i_c = blocked(q), blocked(ip, -1)
     any_spec = pl.BlockSpec(memory_space=pl.ANY)
     q_spec = pl.BlockSpec((None, block_t, heads, dk), lambda b, i, *_: (b, i, 0, 0))
     i_spec = pl.BlockSpec((None, block_t, k_pad), lambda b, i, *_: (b, i, 0))
@@ -504,11 +484,11 @@ def _tpu_call(kernel_fn, q, kv, indices, extra_blocked, scale, dv, block_t, bloc
             out_shape=[jax.ShapeDtypeStruct((batch, span, heads, dv), q.dtype),
                        jax.ShapeDtypeStruct((batch, span, heads), jnp.float32)],
             compiler_params=compiler_params, interpret=interpret, name="sparse_mla_fwd_tpu")
-        out, lse = jax.lax.map(lambda a: call(a[1].reshape(-1), a[0], a[1], kv), (q_c, i_c))
-        unblock = lambda x: jnp.moveaxis(x, 0, 1).reshape(batch, t_pad, *x.shape[3:])[:, :length]
-        return unblock(out), unblock(lse)
+        attend = lambda qc, ic: call(ic.reshape(-1), qc, ic, kv)
+        return map_query_chunks(attend, (q, ip), (0, -1), span, exact=True)
 
-    do_c, lse_c, delta_c = (blocked(x) for x in extra_blocked)
+    q_c, i_c = split_chunks(q, span), split_chunks(ip, span, -1)
+    do_c, lse_c, delta_c = (split_chunks(x, span) for x in extra_blocked)
     rows = keys + block_k
     call = pl.pallas_call(
         functools.partial(kernel_fn, num_keys=keys, **params),
@@ -529,7 +509,7 @@ def _tpu_call(kernel_fn, q, kv, indices, extra_blocked, scale, dv, block_t, bloc
         return dkv, dq
 
     dkv, dq = jax.lax.scan(step, jnp.zeros((batch, rows, dk), jnp.float32), (q_c, i_c, do_c, lse_c, delta_c))
-    dq = jnp.moveaxis(dq, 0, 1).reshape(batch, t_pad, heads, dk)[:, :length]
+    dq = join_chunks(dq, length)
     return dq, dkv[:, :keys].astype(kv.dtype)
 
 

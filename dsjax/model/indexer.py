@@ -20,6 +20,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dsjax.kernels.chunking import map_query_chunks
+from dsjax.kernels.indexer_topk import index_scores
+from dsjax.kernels.sparse_mla import _gather_rows
 from dsjax.model.norms import LayerNorm
 from dsjax.model.params import Linear
 from dsjax.model.rope import apply_rope
@@ -60,28 +63,13 @@ def index_scores_at(parts: IndexerParts, indices: jax.Array, *, scale: float,
     [c, K, d_I] gathered keys alive, not the whole [T, K, d_I]).
     """
     queries, keys, weights = parts
-    batch, length, heads, dim = queries.shape
+    batch, _, heads, dim = queries.shape
     k = indices.shape[-1]
     if query_chunk is None:  # ~8 MiB of gathered keys and logits per chunk
         query_chunk = max(1, (8 << 20) // max(1, 4 * batch * k * (dim + heads)))
-    query_chunk = min(query_chunk, length)
 
-    @jax.checkpoint
     def chunk(q, w, idx):  # [B, c, H_I, d], [B, c, H_I], [B, c, K]
-        valid = idx >= 0
-        rows = jax.vmap(lambda table, i: table[i])(keys, jnp.where(valid, idx, 0))  # [B, c, K, d]
-        logits = jnp.einsum("bthd,btkd->btkh", q.astype(jnp.float32), rows.astype(jnp.float32))
-        scores = jnp.einsum("btkh,bth->btk", jax.nn.relu(logits * scale), w)
-        return jnp.where(valid, scores, -jnp.inf)
+        rows, valid = _gather_rows(keys, idx)  # [B, c, K, d]: each query's own keys
+        return jnp.where(valid, index_scores(q, rows, w, scale), -jnp.inf)
 
-    chunks = -(-length // query_chunk)
-    if chunks == 1:
-        return chunk(queries, weights, indices)
-    padded = chunks * query_chunk
-
-    def split(x, fill):  # [B, T, ...] -> [chunks, B, c, ...]
-        x = jnp.pad(x, [(0, 0), (0, padded - length)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
-        return jnp.moveaxis(x.reshape(batch, chunks, query_chunk, *x.shape[2:]), 1, 0)
-
-    out = jax.lax.map(lambda a: chunk(*a), (split(queries, 0), split(weights, 0), split(indices, -1)))
-    return jnp.moveaxis(out, 0, 1).reshape(batch, padded, k)[:, :length]
+    return map_query_chunks(chunk, (queries, weights, indices), (0, 0, -1), query_chunk, checkpoint=True)

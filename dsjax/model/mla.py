@@ -7,9 +7,9 @@
 
 RoPE rotates q_rope and k_rope only. scale = (qk_nope + qk_rope)^-0.5 * mscale^2 (YaRN).
 
-Layers without an indexer (V3) run this expanded form, dense, in XLA. Layers with one (V3.2)
-attend only to the indexer's top-k keys S_t, in the absorbed (MQA) form: with W_uk = W_kvb[.., :nope]
-and W_uv = W_kvb[.., nope:],
+Layers without an indexer (V3) run dense attention in XLA. Layers with one (V3.2) attend only to
+the indexer's top-k keys S_t, in the absorbed (MQA) form: with W_uk = W_kvb[.., :nope] and
+W_uv = W_kvb[.., nope:],
 
     q_abs[t, h] = [q_nope[t, h] W_uk^T | q_rope[t, h]]      kv_lat[s] = [c_kv[s] | k_rope[s]]
     o[t, h] = (sum_{s in S_t} softmax_s(q_abs[t, h] . kv_lat[s] * scale) c_kv[s]) W_uv
@@ -18,15 +18,24 @@ so the layer costs O(T k) (`dsjax.kernels.sparse_mla`), and the indexer never ma
 [T, T] scores (`dsjax.kernels.indexer_topk`). `config.attention_impl` picks the kernels' "xla"
 (gather-based pure JAX) or "pallas" implementation.
 
+One body serves training, prefill and decode: with `cache=None` the tokens attend to each other;
+with a `LayerCache` they are written into it first and attend to every cached column. Only the
+latent [c_kv | k_rope] is cached, so dense decode also runs absorbed (MQA over one 576-dim key per
+token); dense attention without a cache uses the expanded form, cheaper when queries = keys.
+
 `dsa_stage` (a static module attribute) selects a DSA training stage; see `dsjax.model.dsa`.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
+
+from dsjax import kernels
 
 from dsjax.model.dsa import indexer_topk, sparse_indexer_stats, sparse_mla, warmup_indexer_stats
 from dsjax.model.indexer import LightningIndexer
@@ -41,15 +50,27 @@ def softmax_scale(config) -> float:
     return (config.qk_nope_head_dim + config.qk_rope_head_dim) ** -0.5 * mscale_squared
 
 
-def attention_mask_for(segment_ids: jax.Array) -> jax.Array:
-    """[B, T, S] True where query t may attend key s: causal and inside the same document.
+def attention_mask(query_segments: jax.Array, key_segments: jax.Array, query_offset=0) -> jax.Array:
+    """[B, Tq, S] True where query t may attend key column s: s <= query_offset + t, same segment.
 
-    Padding (segment 0) attends only to padding, so no row is empty and real tokens never see it.
-    The DSA kernels apply the same rule from the segment ids themselves.
+    Padding (segment 0) attends only to padding, so no row is empty and real tokens never see it;
+    the DSA kernels apply the same rule (`dsjax.kernels.visibility`).
     """
-    length = segment_ids.shape[-1]
-    causal = jnp.tril(jnp.ones((length, length), bool))
-    return causal[None] & (segment_ids[:, :, None] == segment_ids[:, None, :])
+    batch, length = query_segments.shape
+    query_positions = query_offset + jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+    key_positions = jnp.arange(key_segments.shape[-1], dtype=jnp.int32)
+    return kernels.visibility(query_positions, query_segments, key_positions, key_segments)
+
+
+class LayerCache(NamedTuple):
+    """One layer's latent KV cache (with a leading layer axis when it belongs to a scanned stack).
+
+    Per cached column only what the absorbed form needs: [c_kv | k_rope], and V3.2's index key.
+    Which columns are filled, and with which segment, is kept once for all layers (`dsjax.model.cache`).
+    """
+
+    kv: jax.Array  # [B, S, kv_lora_rank + qk_rope_head_dim]
+    index_keys: jax.Array | None  # [B, S, index_head_dim] (V3.2 indexer), else None
 
 
 class MLA(nn.Module):
@@ -57,10 +78,17 @@ class MLA(nn.Module):
     dsa_stage: str | None = None  # see the module doc
 
     @nn.compact
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, segment_ids: jax.Array):
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, segment_ids: jax.Array,
+                 cache: LayerCache | None = None, cache_segments: jax.Array | None = None, cache_index=None):
         """x [B, T, D], cos/sin [B, T, rope/2], segment_ids [B, T] (0: padding) ->
-        (output [B, T, D], aux: {} or, in the "warmup"/"sparse" stages of an indexer layer,
-        {"indexer_kl": scalar, "topk_attention_recall": scalar})."""
+        (output [B, T, D], aux, cache).
+
+        Without a cache the T tokens attend to each other (training, scoring). With one, they are
+        written into its columns [cache_index, cache_index + T) and attend to every cached column
+        (prefill, decode): cache_segments [B, S] holds each column's segment after this write.
+        aux is {} or, in the "warmup"/"sparse" stages of an indexer layer, {"indexer_kl": scalar,
+        "topk_attention_recall": scalar}; the returned cache is the updated one (None without).
+        """
         c = self.config
         stage = self.dsa_stage
         heads, nope, rope, v_dim = c.num_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim
@@ -79,36 +107,58 @@ class MLA(nn.Module):
         kv = Linear((c.kv_lora_rank + rope,), ("embed", "kv_lora"), name="kv_a_proj", **common)(x)
         kv_latent = RMSNorm(axis_name="kv_lora", name="kv_a_norm", **norm)(kv[..., :c.kv_lora_rank])
         k_rope = apply_rope(kv[..., c.kv_lora_rank:], cos, sin, interleaved=c.mla_rope_interleave)
+        kv_lat = jnp.concatenate([kv_latent, k_rope], axis=-1)  # [c_kv | k_rope]: the shared latent key
 
         kv_b = Kernel((c.kv_lora_rank, heads, nope + v_dim), ("kv_lora", "heads", "head_dim"),
                       init_std=c.initializer_range, param_dtype=c.param_dtype, name="kv_b_proj")().astype(c.dtype)
         o_proj = Linear((c.hidden_size,), ("heads", "head_dim", "embed"), in_dims=2, name="o_proj", **common)
 
+        if cache is None:  # keys: this call's own tokens
+            keys, key_segments, query_offset = kv_lat, segment_ids, 0
+        else:  # keys: every cached column, this call's tokens written in first
+            if stage is not None:
+                raise ValueError(f"dsa_stage={stage!r} is a training stage; it does not run over a cache")
+            cache = cache._replace(kv=_write(cache.kv, kv_lat, cache_index))
+            keys, key_segments, query_offset = cache.kv.astype(c.dtype), cache_segments, cache_index
+        mask = lambda: attention_mask(segment_ids, key_segments, query_offset)  # noqa: E731
+
         sparse = c.use_indexer and stage in (None, "sparse")
-        if not sparse:
-            out = _dense_attention(q_nope, q_rope, kv_latent, k_rope, kv_b, segment_ids, c)
+        if not sparse and cache is None:
+            out = _expanded_attention(q_nope, q_rope, keys, kv_b, mask(), c)
+        elif not sparse:  # a few queries against many cached keys: absorbed
+            q_abs = absorbed_queries(q_nope, q_rope, kv_b[..., :nope])
+            out = _latent_values(_absorbed_attention(q_abs, keys, mask(), c), kv_b, nope)
         if not c.use_indexer or stage == "dense":
-            return o_proj(out), {}
+            return o_proj(out), {}, cache
 
         if stage in ("warmup", "sparse"):
             # The indexer learns only from its KL loss, which must not reach the rest of the model.
             x, q_latent = jax.lax.stop_gradient(x), jax.lax.stop_gradient(q_latent)
         parts = LightningIndexer(c, name="indexer")(x, q_latent, cos, sin)
-        # Absorbed form: queries [q_nope W_uk^T | q_rope], one shared latent key [c_kv | k_rope].
+        index_keys = parts.keys
+        if cache is not None:
+            cache = cache._replace(index_keys=_write(cache.index_keys, parts.keys, cache_index))
+            index_keys = cache.index_keys.astype(parts.keys.dtype)
         q_abs = absorbed_queries(q_nope, q_rope, kv_b[..., :nope])
-        kv_lat = jnp.concatenate([kv_latent, k_rope], axis=-1)
         if stage == "warmup":
-            return o_proj(out), warmup_indexer_stats(parts, q_abs, kv_lat, segment_ids, c, softmax_scale(c))
+            return o_proj(out), warmup_indexer_stats(parts, q_abs, kv_lat, segment_ids, c, softmax_scale(c)), cache
 
         # Top-k selection is not differentiable: no gradient reaches the indexer through it.
-        indices = indexer_topk(*jax.lax.stop_gradient(parts), segment_ids, topk=c.index_topk,
-                               scale=c.index_head_dim ** -0.5, impl=c.attention_impl)
+        indices = indexer_topk(*jax.lax.stop_gradient((parts.queries, index_keys, parts.weights)), segment_ids,
+                               topk=c.index_topk, scale=c.index_head_dim ** -0.5, kv_segment_ids=key_segments,
+                               q_offset=query_offset, impl=c.attention_impl)
         self.sow("intermediates", "topk_indices", indices)
-        latent_out = sparse_mla(q_abs, kv_lat, indices, scale=softmax_scale(c), dv=c.kv_lora_rank,
+        latent_out = sparse_mla(q_abs, keys, indices, scale=softmax_scale(c), dv=c.kv_lora_rank,
                                 impl=c.attention_impl)
-        out = jnp.einsum("bthc,chv->bthv", latent_out, kv_b[..., nope:])
-        aux = sparse_indexer_stats(parts, indices, q_abs, kv_lat, segment_ids, c, softmax_scale(c)) if stage == "sparse" else {}
-        return o_proj(out), aux
+        aux = {}
+        if stage == "sparse":
+            aux = sparse_indexer_stats(parts, indices, q_abs, kv_lat, segment_ids, c, softmax_scale(c))
+        return o_proj(_latent_values(latent_out, kv_b, nope)), aux, cache
+
+
+def _write(cache_column_values: jax.Array, new: jax.Array, index) -> jax.Array:
+    """Cached values [B, S, ...] with new [B, T, ...] written into columns [index, index + T)."""
+    return jax.lax.dynamic_update_slice_in_dim(cache_column_values, new.astype(cache_column_values.dtype), index, axis=1)
 
 
 def absorbed_queries(q_nope, q_rope, w_uk):
@@ -121,104 +171,40 @@ def absorbed_queries(q_nope, q_rope, w_uk):
     """
     if multi_device_auto_mesh() is not None:
         w_uk = jax.lax.with_sharding_constraint(w_uk, PartitionSpec())
-    return jnp.concatenate([jnp.einsum("bthd,chd->bthc", q_nope, w_uk), q_rope], axis=-1)
+    return jnp.concatenate([jnp.einsum("bthd,chd->bthc", q_nope, w_uk), q_rope.astype(q_nope.dtype)], axis=-1)
 
 
-def _dense_attention(q_nope, q_rope, kv_latent, k_rope, kv_b, segment_ids, config):
-    """Dense causal MLA in the expanded form: [B, T, H, v_head_dim] (O(T^2))."""
+def _latent_values(latent_out, kv_b, nope: int):
+    """Per-head attention output in the latent space [B, T, H, kv_lora] -> values [B, T, H, v] (W_uv)."""
+    return jnp.einsum("bthc,chv->bthv", latent_out, kv_b[..., nope:])
+
+
+def _expanded_attention(q_nope, q_rope, keys, kv_b, mask, config):
+    """Dense MLA in the expanded form over latent keys [B, S, kv_lora + rope]: [B, T, H, v_head_dim].
+
+    Keys and values are expanded per head (k_nope = c_kv W_uk, v = c_kv W_uv): the cheaper form when
+    as many queries as keys attend (training, scoring), O(T S H (nope + rope)).
+    """
     c = config
-    nope = c.qk_nope_head_dim
+    nope, lora = c.qk_nope_head_dim, c.kv_lora_rank
+    kv_latent, k_rope = keys[..., :lora], keys[..., lora:]
     k_nope = jnp.einsum("bsc,chd->bshd", kv_latent, kv_b[..., :nope])
     values = jnp.einsum("bsc,chd->bshd", kv_latent, kv_b[..., nope:])
     scores = (jnp.einsum("bthd,bshd->bhts", q_nope, k_nope, preferred_element_type=jnp.float32)
               + jnp.einsum("bthr,bsr->bhts", q_rope, k_rope, preferred_element_type=jnp.float32))
-    scores = scores * softmax_scale(c)
-    scores = jnp.where(attention_mask_for(segment_ids)[:, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(c.dtype)
+    probs = _masked_softmax(scores * softmax_scale(c), mask).astype(c.dtype)
     return jnp.einsum("bhts,bshd->bthd", probs, values)
 
 
-# ---------------------------------------------------------------------------------------------
-# Decoding over a latent cache (absorbed form).
-#
-# The cache holds, per token, only [c_kv | k_rope] (kv_lora_rank + qk_rope_head_dim values).
-# With W_uk = kv_b[..., :nope] and W_uv = kv_b[..., nope:]:
-#     q_nope . k_nope[s] = q_nope . (c_kv[s] W_uk) = (q_nope W_uk^T) . c_kv[s]
-#     sum_s p_s v[s]     = (sum_s p_s c_kv[s]) W_uv
-# so each head's query becomes [q_nope W_uk^T | q_rope] and attention is MQA over the one
-# shared (kv_lora + rope)-dim cached key; values are the cached latents themselves.
-# ---------------------------------------------------------------------------------------------
-
-
-def _linear(params, x, dtype, in_dims=1):
-    """What `Linear` computes, from its param subtree."""
-    return contract(x, params["kernel"], in_dims, dtype)
-
-
-def _rms_norm(params, x, config, axis_name):
-    return RMSNorm(eps=config.rms_norm_eps, axis_name=axis_name, dtype=config.dtype,
-                   param_dtype=config.param_dtype).apply({"params": params}, x)
-
-
-def mla_cached(params, x, cos, sin, cache_kv, cache_index_keys, write_index, query_segments, key_segments, config):
-    """MLA for new tokens against a latent cache, in the absorbed form.
-
-    Args:
-      params: one layer's `attention` subtree (the same params the training module uses).
-      x: [B, Tq, D] normalised hidden states of the new tokens (Tq = 1 when decoding).
-      cos, sin: [B, Tq, qk_rope_head_dim // 2] rope tables at the new tokens' positions.
-      cache_kv: [B, S, kv_lora_rank + qk_rope_head_dim], the layer's cached [c_kv | k_rope].
-      cache_index_keys: [B, S, index_head_dim] the indexer's key cache (V3.2), else None.
-      write_index: the cache column of the first new token; new tokens fill
-        [write_index, write_index + Tq) (same for every row: prompts are left-padded).
-      query_segments: int [B, Tq], key_segments: int [B, S]: new token t sees cached column s
-        when s <= write_index + t and their segments are equal (left padding: segment 0).
-
-    Returns (output [B, Tq, D], new cache entries [B, Tq, kv_lora + rope],
-    new indexer keys [B, Tq, index_head_dim] or None). The caller writes the entries into its
-    cache at `write_index`; attention here already sees them.
-
-    With the indexer, each new token attends to its top-k cached columns only (the same
-    `indexer_topk` + `sparse_mla` kernels as the training forward, shifted by `q_offset`).
-    """
+def _absorbed_attention(q_abs, keys, mask, config):
+    """Dense MLA in the absorbed (MQA) form: [B, T, H, kv_lora], the latent-space output. The
+    cheaper form for a few queries over many cached keys (decode), O(T S H (kv_lora + rope))."""
     c = config
-    nope, rope, lora = c.qk_nope_head_dim, c.qk_rope_head_dim, c.kv_lora_rank
-    dtype = c.dtype
+    scores = jnp.einsum("bthd,bsd->bhts", q_abs, keys, preferred_element_type=jnp.float32)
+    probs = _masked_softmax(scores * softmax_scale(c), mask).astype(c.dtype)
+    return jnp.einsum("bhts,bsc->bthc", probs, keys[..., :c.kv_lora_rank])
 
-    if c.q_lora_rank is None:
-        q_latent = None
-        q = _linear(params["q_proj"], x, dtype)
-    else:
-        q_latent = _rms_norm(params["q_a_norm"], _linear(params["q_a_proj"], x, dtype), c, "q_lora")
-        q = _linear(params["q_b_proj"], q_latent, dtype)
-    q_nope, q_rope = q[..., :nope], apply_rope(q[..., nope:], cos, sin, interleaved=c.mla_rope_interleave)
 
-    kv = _linear(params["kv_a_proj"], x, dtype)
-    kv_latent = _rms_norm(params["kv_a_norm"], kv[..., :lora], c, "kv_lora")
-    k_rope = apply_rope(kv[..., lora:], cos, sin, interleaved=c.mla_rope_interleave)
-    new_entries = jnp.concatenate([kv_latent, k_rope], axis=-1).astype(cache_kv.dtype)
-    cache_kv = jax.lax.dynamic_update_slice_in_dim(cache_kv, new_entries, write_index, axis=1)
-
-    kv_b = params["kv_b_proj"]["kernel"].astype(dtype)  # [kv_lora, heads, nope + v]
-    query = absorbed_queries(q_nope, q_rope.astype(dtype), kv_b[..., :nope])
-    scale = softmax_scale(c)
-
-    new_index_keys = None
-    if c.use_indexer:
-        parts = LightningIndexer(c).apply({"params": params["indexer"]}, x, q_latent, cos, sin)
-        new_index_keys = parts.keys.astype(cache_index_keys.dtype)
-        cache_index_keys = jax.lax.dynamic_update_slice_in_dim(cache_index_keys, new_index_keys, write_index, axis=1)
-        indices = indexer_topk(parts.queries, cache_index_keys, parts.weights, query_segments, topk=c.index_topk,
-                               scale=c.index_head_dim ** -0.5, kv_segment_ids=key_segments, q_offset=write_index,
-                               impl=c.attention_impl)
-        latent_out = sparse_mla(query, cache_kv.astype(dtype), indices, scale=scale, dv=lora, impl=c.attention_impl)
-    else:  # every cached column, masked
-        columns = write_index + jnp.arange(x.shape[1])
-        key_mask = ((jnp.arange(cache_kv.shape[1])[None, None, :] <= columns[None, :, None])
-                    & (key_segments[:, None, :] == query_segments[:, :, None]))  # [B, Tq, S]
-        scores = jnp.einsum("bthd,bsd->bhts", query, cache_kv.astype(dtype), preferred_element_type=jnp.float32)
-        scores = jnp.where(key_mask[:, None], scores * scale, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-        latent_out = jnp.einsum("bhts,bsc->bthc", probs, cache_kv[..., :lora].astype(dtype))
-    out = jnp.einsum("bthc,chv->bthv", latent_out, kv_b[..., nope:])
-    return _linear(params["o_proj"], out, dtype, in_dims=2), new_entries, new_index_keys
+def _masked_softmax(scores, mask):
+    """softmax over keys of float32 scores [B, H, T, S] where mask [B, T, S] allows."""
+    return jax.nn.softmax(jnp.where(mask[:, None], scores, jnp.finfo(jnp.float32).min), axis=-1)

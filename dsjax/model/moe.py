@@ -46,6 +46,8 @@ class RoutedExperts(nn.Module):
         gate = Kernel((c.num_routed_experts, dim, hidden), ("expert", "embed", "mlp"), name="gate_proj", **common)()
         up = Kernel((c.num_routed_experts, dim, hidden), ("expert", "embed", "mlp"), name="up_proj", **common)()
         down = Kernel((c.num_routed_experts, hidden, dim), ("expert", "mlp", "embed"), name="down_proj", **common)()
+        if tokens.shape[0] * routing.indices.shape[1] < c.num_routed_experts:
+            return routed_experts_gathered(tokens, routing, gate, up, down)  # decode: a few tokens
         gate, up, down = (w.astype(c.dtype) for w in (gate, up, down))
         mesh = active_mesh()
         if mesh is not None and mesh.shape.get("expert", 1) > 1 and c.moe_impl == "ragged":
@@ -68,6 +70,15 @@ def routed_experts_ragged(x, routing: Routing, gate, up, down):
     y_sorted = jax.lax.ragged_dot(hidden, down, group_sizes)
     y = jnp.zeros_like(y_sorted).at[order].set(y_sorted).reshape(num_tokens, top_k, -1)
     return jnp.einsum("nkd,nk->nd", y, routing.weights.astype(y.dtype))
+
+
+def routed_experts_gathered(x, routing: Routing, gate, up, down):
+    """Each token through its own k experts, their weights gathered: for a few tokens (decode steps),
+    where reading k experts per token instead of all of them is what makes the step cheap."""
+    gate, up, down = (w[routing.indices].astype(x.dtype) for w in (gate, up, down))  # [N, k, ...]
+    hidden = nn.silu(jnp.einsum("nd,nkdf->nkf", x, gate)) * jnp.einsum("nd,nkdf->nkf", x, up)
+    routed = jnp.einsum("nkf,nkfd->nkd", hidden, down)
+    return jnp.einsum("nkd,nk->nd", routed, routing.weights.astype(routed.dtype))
 
 
 def routed_experts_dense(x, routing: Routing, gate, up, down):

@@ -1,12 +1,14 @@
 """Multi-token prediction (DeepSeek-V3 report section 2.2).
 
-Module k (k = 1..D) at position i combines the previous depth's hidden state h_i^{k-1}
-(depth 0: the main model's last decoder output, before its final norm) with the embedding of
-token t_{i+k}, runs one decoder layer and predicts t_{i+k+1} through the shared output head:
+Module k (0-based, `mtp_k`) at position i combines the previous depth's hidden state h_i^{k-1}
+(h^{-1}: the main model's last decoder output, before its final norm) with the embedding of token
+t_{i+k+1}, runs one decoder layer and predicts t_{i+k+2} through the shared output head:
 
-    h'_i = W_eh [RMSNorm_e(Emb(t_{i+k})) ; RMSNorm_h(h_i^{k-1})]      (embedding half first)
+    h'_i = W_eh [RMSNorm_e(Emb(t_{i+k+1})) ; RMSNorm_h(h_i^{k-1})]      (embedding half first)
     h_i^k = DecoderLayer(h'_i)
     logits = Head(RMSNorm_head(h_i^k))
+
+(The V3 report numbers modules from 1: its module k is `mtp_{k-1}` here.)
 
 The embedding and output head are the main model's.
 """
@@ -36,5 +38,5 @@ class MTPModule(nn.Module):
         x = Linear((c.hidden_size,), ("concat_embed", "embed"), name="eh_proj", dtype=c.dtype,
                    param_dtype=c.param_dtype, init_std=c.initializer_range)(joined)
         layer = self.layer_cls(c, use_moe=True, dsa_stage=self.dsa_stage, name="layer")
-        h, aux = layer(x, forced_indices, cos, sin, segment_ids)
+        h, (aux, _) = layer(x, forced_indices, cos, sin, segment_ids)
         return h, RMSNorm(name="head_norm", **norm)(h), aux

@@ -11,7 +11,7 @@ import math
 import jax
 
 from dsjax.model.config import make_config, preset_names
-from dsjax.model.decode import cache_bytes_per_token
+from dsjax.model.cache import cache_bytes_per_token
 from dsjax.model.transformer import abstract_params
 
 

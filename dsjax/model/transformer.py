@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from dsjax import parallel
+from dsjax.model.cache import Cache, stack_sizes
 from dsjax.model.dsa import check_dsa_stage
 from dsjax.model.mla import MLA
 from dsjax.model.moe import MLP, MoE
@@ -37,20 +38,23 @@ class ModelOutput(NamedTuple):
     # topk_attention_recall (float32 scalars per layer).
     aux: dict
     hidden: jax.Array  # [B, T, D], the last decoder layer's output before the final norm
+    cache: Cache | None = None  # the updated cache, when one was passed in
 
 
 class DecoderLayer(nn.Module):
     config: Any
     use_moe: bool
-    dsa_stage: str | None = None  # see dsjax.model.mla
+    dsa_stage: str | None = None  # see dsjax.model.dsa
 
     @nn.compact
-    def __call__(self, h, forced_indices, cos, sin, segment_ids):
-        """-> (h, aux): the router's statistics (MoE layers) and the indexer's (DSA stages)."""
+    def __call__(self, h, forced_indices, cos, sin, segment_ids, cache=None, cache_segments=None, cache_index=None):
+        """-> (h, (aux, cache)): the router's statistics (MoE layers) and the indexer's (DSA stages),
+        and the layer's updated cache (see `MLA`; None without one)."""
         c = self.config
         norm = dict(eps=c.rms_norm_eps, dtype=c.dtype, param_dtype=c.param_dtype)
         attention = MLA(c, dsa_stage=self.dsa_stage, name="attention")
-        attended, aux = attention(RMSNorm(name="attention_norm", **norm)(h), cos, sin, segment_ids)
+        attended, aux, cache = attention(RMSNorm(name="attention_norm", **norm)(h), cos, sin, segment_ids,
+                                         cache, cache_segments, cache_index)
         h = h + attended
         x = RMSNorm(name="mlp_norm", **norm)(h)
         if self.use_moe:
@@ -58,7 +62,7 @@ class DecoderLayer(nn.Module):
             aux = {**routing_aux, **aux}
         else:
             y = MLP(c.dense_intermediate_size, c, name="mlp")(x)
-        return h + y, aux
+        return h + y, (aux, cache)
 
 
 _REMAT_POLICIES = {
@@ -75,7 +79,7 @@ def _layer_stack(config, num_layers: int, use_moe: bool, dsa_stage, name: str):
         layer,
         variable_axes={"params": 0, "intermediates": 0},
         split_rngs={"params": True},
-        in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
+        in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast, nn.broadcast),
         length=num_layers,
         metadata_params={nn.PARTITION_NAME: "layers"},
     )
@@ -93,10 +97,11 @@ def positions_from_segments(segment_ids: jax.Array) -> jax.Array:
 
 class Transformer(nn.Module):
     config: Any  # a FrozenConfigDict (hashable, as Flax module fields must be)
-    dsa_stage: str | None = None  # None, "dense", "warmup" or "sparse" (see dsjax.model.mla)
+    dsa_stage: str | None = None  # None, "dense", "warmup" or "sparse" (see dsjax.model.dsa)
 
     @nn.compact
-    def __call__(self, tokens, segment_ids=None, positions=None, forced_routing=None) -> ModelOutput:
+    def __call__(self, tokens, segment_ids=None, positions=None, forced_routing=None, cache: Cache | None = None,
+                 last_only: bool = False) -> ModelOutput:
         c = self.config
         forced_routing = forced_routing or {}
         if segment_ids is None:
@@ -110,12 +115,18 @@ class Transformer(nn.Module):
         embed = lambda ids: jnp.take(embedding, ids, axis=0).astype(c.dtype)  # noqa: E731
         h = embed(tokens)
 
-        aux = {}
-        num_moe = c.num_layers - c.num_dense_layers
-        for name, count, use_moe in (("dense_layers", c.num_dense_layers, False), ("moe_layers", num_moe, True)):
+        cache_segments = cache_index = None
+        if cache is not None:  # the new tokens take the next columns
+            cache_index = cache.index
+            cache_segments = jax.lax.dynamic_update_slice_in_dim(cache.segment_ids, segment_ids.astype(jnp.int32),
+                                                                 cache_index, axis=1)
+        aux, layer_caches = {}, {}
+        for name, count in stack_sizes(c).items():
             if count:
-                stack = _layer_stack(c, count, use_moe, self.dsa_stage, name)
-                h, layer_aux = stack(h, forced_routing.get(name), cos, sin, segment_ids)
+                stack = _layer_stack(c, count, name == "moe_layers", self.dsa_stage, name)
+                layer_cache = None if cache is None else cache.layers[name]
+                h, (layer_aux, layer_caches[name]) = stack(h, forced_routing.get(name), cos, sin, segment_ids,
+                                                           layer_cache, cache_segments, cache_index)
                 if layer_aux:
                     aux[name] = layer_aux
 
@@ -126,12 +137,16 @@ class Transformer(nn.Module):
             head = Kernel((c.hidden_size, c.vocab_size), ("embed", "vocab"), init_std=c.initializer_range,
                           param_dtype=c.param_dtype, name="lm_head")()
         output_head = lambda x: contract(x, head, 1, c.dtype, preferred=jnp.float32)  # noqa: E731
-        logits = output_head(final_norm(h))
+        logits = output_head(final_norm(h[:, -1:] if last_only else h))
+        if cache is not None:  # generation: no MTP (its predictions are not sampled)
+            new_cache = Cache(layer_caches, cache_segments, cache_index + tokens.shape[1])
+            return ModelOutput(logits, None, aux, h, new_cache)
 
         mtp_logits = []
         previous = h
         for k in range(c.num_mtp_layers):
-            # Module k+1 at position i reads token i + k + 1; the wrapped tail is masked by the loss.
+            # Module k at position i reads token i + k + 1 (and predicts i + k + 2); the wrapped tail
+            # is masked by the loss.
             next_embeddings = embed(jnp.roll(tokens, -(k + 1), axis=1))
             name = f"mtp_{k}"
             previous, normed, aux[name] = MTPModule(c, DecoderLayer, dsa_stage=self.dsa_stage, name=name)(
@@ -188,11 +203,16 @@ def init_sharded_params(config, mesh, rng: jax.Array, rules=None) -> dict:
 
 
 def forward(params, tokens, config, *, segment_ids=None, positions=None, forced_routing=None,
-            dsa_stage: str | None = None) -> ModelOutput:
-    """The pure forward pass: (params, int tokens [B, T]) -> ModelOutput.
+            dsa_stage: str | None = None, cache: Cache | None = None, last_only: bool = False) -> ModelOutput:
+    """The pure forward pass: (params, int tokens [B, T]) -> ModelOutput. One body for training,
+    scoring, prefill and decode.
 
     segment_ids [B, T] (default: one document; 0 marks padding), positions [B, T] (default:
     restarting at each document), forced_routing {aux key: int [.., B, T, k]} (replayed experts),
-    dsa_stage: None, "dense", "warmup" or "sparse" (static; see dsjax.model.mla).
+    dsa_stage: None, "dense", "warmup" or "sparse" (static; see dsjax.model.dsa).
+    cache: a `dsjax.model.cache.Cache` (`init_cache`): the tokens are written into its next T columns
+    and attend to every cached column (pass their positions); the output carries the updated cache
+    and no MTP logits. last_only: logits of the last position only (prefill).
     """
-    return build(config, dsa_stage).apply({"params": params}, tokens, segment_ids, positions, forced_routing)
+    return build(config, dsa_stage).apply({"params": params}, tokens, segment_ids, positions, forced_routing, cache,
+                                          last_only)
