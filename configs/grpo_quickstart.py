@@ -40,7 +40,7 @@ def get_config():
 
     config.seq_len = 48  # the supervised rows: a 44-token prompt, the sum and EOS
     config.batch_size = 128  # one optimizer step per rollout batch (16 prompts x 8 samples)
-    config.num_steps = 150
+    config.num_steps = 100
     config.log_every = 10
     config.checkpoint_every = 50
     config.optimizer.learning_rate = 3e-4

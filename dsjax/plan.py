@@ -18,7 +18,6 @@ import math
 import sys
 
 import jax
-import numpy as np
 from jax.sharding import PartitionSpec
 
 from dsjax.model.config import make_config

@@ -1,8 +1,9 @@
-"""Pytree paths as tuples of names: the one helper every package uses to find leaves by name."""
+"""Nested containers: pytree paths as tuples of names (the one helper every package uses to find leaves
+by name), and the one reader of config keys."""
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 import jax
 
@@ -46,3 +47,19 @@ def dict_paths(tree: dict, prefix: tuple = ()) -> Iterator[tuple[tuple, Any]]:
             yield from dict_paths(value, prefix + (key,))
         else:
             yield prefix + (key,), value
+
+
+_MISSING = object()
+
+
+def config_get(config: Any, key: str, default: Any = _MISSING) -> Any:
+    """`config[key]` for a ConfigDict or mapping, an object's attribute otherwise; `default` when the
+    key is absent (KeyError when no default is given)."""
+    if isinstance(config, Mapping) or hasattr(config, "keys"):  # ConfigDicts are not Mappings
+        if key in config:
+            return config[key]
+    elif config is not None and hasattr(config, key):
+        return getattr(config, key)
+    if default is _MISSING:
+        raise KeyError(key)
+    return default

@@ -5,7 +5,7 @@
         --out docs/grpo_quickstart.png
 
 Each key is one line over the logged steps that carry it. `--before WORKDIR/sft` prepends another
-run's entries (e.g. the supervised phase), at steps counted back from 0.
+run's entries (e.g. the supervised phase), at steps counted back from its last checkpoint (0).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO_ROOT not in sys.path:
     sys.path.insert(0, _REPO_ROOT)
 
+from dsjax.checkpoint import CHECKPOINTS_SUBDIR, complete_steps  # noqa: E402
 from dsjax.train.metrics import read_metrics  # noqa: E402
 
 
@@ -46,7 +47,9 @@ def main(argv: list[str] | None = None) -> None:
     if not entries:
         raise SystemExit(f"error: no metrics in {os.path.join(args.workdir, 'metrics.jsonl')}")
     earlier = read_metrics(args.before) if args.before else []
-    offset = -max((e["step"] for e in earlier), default=0)
+    # The earlier run ends at its last checkpoint (its last steps may not be logged).
+    saved = complete_steps(os.path.join(args.before, CHECKPOINTS_SUBDIR)) if args.before else []
+    offset = -max(saved or [e["step"] for e in earlier] or [0])
     figure, axes = plt.subplots(figsize=(7, 4), dpi=120)
     for key in args.keys.split(","):
         before_steps, before_values = series(earlier, key, offset)

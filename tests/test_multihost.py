@@ -18,7 +18,7 @@ import multihost_worker as worker
 from dsjax import checkpoint as checkpoint_lib
 from dsjax import parallel as sharding
 from dsjax.data import make_dataset
-from dsjax.model import init_sharded_params, param_shardings
+from dsjax.model import param_shardings
 from dsjax.parallel import distributed
 from dsjax.recipes import from_iterable, pretrain
 from dsjax.train import loop

@@ -2,10 +2,8 @@
 
 import os
 import pathlib
-import signal
 import subprocess
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +22,7 @@ from dsjax.train import loop, metrics, optim
 from dsjax.train import step as step_lib
 from dsjax.train.config import default_optimizer_config
 from dsjax.train.recipe import Recipe
+from sigkill import kill_once_saved
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -437,15 +436,7 @@ def cli_runs(tmp_path_factory):
     # (to step 40), then continued with a larger num_steps (to 60).
     command = ("--config.num_steps=40", "--config.tensorboard=False")
     killed = _run_cli(root / "killed", *command, env=env)
-    first = root / "killed" / "checkpoints" / "10"
-    deadline = time.time() + 300
-    while not (first / ckpt.COMMIT_MARKER).exists():
-        assert killed.poll() is None, killed.communicate()[0]
-        assert time.time() < deadline, "no checkpoint appeared"
-        time.sleep(0.005)
-    alive_at_kill = killed.poll() is None
-    killed.send_signal(signal.SIGKILL)
-    killed_output = killed.communicate()[0]
+    alive_at_kill, killed_output = kill_once_saved(killed, root / "killed" / "checkpoints" / "10")
     logged_before_restart = _losses(root / "killed")
     saved_at_kill = ckpt.complete_steps(root / "killed" / "checkpoints")
     outputs = []

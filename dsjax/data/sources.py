@@ -28,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from dsjax.tree import config_get
+
 __all__ = [
     "TextFileSource",
     "JsonlSource",
@@ -295,10 +297,7 @@ def stdlib_source() -> TextFileSource:
 
 
 def _get(config: Any, key: str, default: Any) -> Any:
-    try:
-        value = config[key]
-    except (KeyError, AttributeError, TypeError):
-        value = getattr(config, key, default)
+    value = config_get(config, key, default)
     return default if value is None else value
 
 

@@ -119,11 +119,16 @@ def truncation_mask(logits: jax.Array, cutoff: jax.Array) -> jax.Array:
     return logits >= cutoff[..., None]
 
 
-def sampling_log_softmax(logits: jax.Array, cutoff: jax.Array, temperature: float) -> jax.Array:
+def sampling_log_softmax(logits: jax.Array, cutoff: jax.Array, temperature: float,
+                         keep: jax.Array | None = None) -> jax.Array:
     """The whole sampling distribution, [..., V] log-probs: log_softmax(logits / T) over the kept set
-    (`logits >= cutoff`), -inf outside it. Temperature 0 (greedy) scales by 1."""
+    (`logits >= cutoff`), -inf outside it. Temperature 0 (greedy) scales by 1. `keep` (token ids
+    [...]): tokens kept whatever their logit, e.g. the sampled ones once the logits moved since."""
     scale = temperature if temperature > 0 else 1.0
-    masked = jnp.where(truncation_mask(logits, cutoff), logits.astype(jnp.float32) / scale, -jnp.inf)
+    kept = truncation_mask(logits, cutoff)
+    if keep is not None:
+        kept = kept | (jnp.arange(logits.shape[-1]) == keep[..., None])
+    masked = jnp.where(kept, logits.astype(jnp.float32) / scale, -jnp.inf)
     return jax.nn.log_softmax(masked, axis=-1)
 
 

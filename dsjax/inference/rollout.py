@@ -156,10 +156,13 @@ def score(params: Any, config: Any, tokens: jax.Array, segment_ids: jax.Array, n
 def policy_log_probs(logits: jax.Array, tokens: jax.Array, cutoff: jax.Array | None,
                      temperature: float) -> tuple[jax.Array, jax.Array]:
     """(log pi_theta(tokens) [B, N], entropy of pi_theta [B, N]) with pi_theta = softmax(logits / T)
-    restricted to ``logits >= cutoff`` ("keep sampling mask"); ``cutoff`` None: the whole vocabulary."""
+    over the sampler's kept set ("keep sampling mask"), rebuilt from its ``cutoff``: ``logits >=
+    cutoff``, plus the sampled token itself. With the sampler's logits (the first pass over a rollout,
+    to rounding) that is exactly the sampler's set; once updates moved the logits, the sampled token
+    stays in it, so pi_theta never drops to 0. ``cutoff`` None: the whole vocabulary."""
     if cutoff is None:
         cutoff = jnp.full(logits.shape[:-1], -jnp.inf, jnp.float32)
-    log_probs = gen.sampling_log_softmax(logits, cutoff, temperature)
+    log_probs = gen.sampling_log_softmax(logits, cutoff, temperature, keep=tokens)
     picked = jnp.take_along_axis(log_probs, tokens[..., None].astype(jnp.int32), axis=-1)[..., 0]
     kept = jnp.isfinite(log_probs)
     entropy = -jnp.sum(jnp.where(kept, jnp.exp(log_probs) * jnp.where(kept, log_probs, 0), 0), axis=-1)

@@ -40,7 +40,7 @@ from dsjax import kernels
 from dsjax.model.dsa import indexer_topk, sparse_indexer_stats, sparse_mla, warmup_indexer_stats
 from dsjax.model.indexer import LightningIndexer
 from dsjax.model.norms import RMSNorm
-from dsjax.model.params import Kernel, Linear, contract
+from dsjax.model.params import Kernel, Linear
 from dsjax.model.rope import apply_rope, attention_scaling
 from dsjax.parallel.mesh import multi_device_auto_mesh
 

@@ -242,8 +242,8 @@ class Rewards:
                                    completion_lengths=[int(lengths[i]) for i in picked], **columns)
             values = np.asarray(values, np.float64)
             if values.shape != (len(picked),) or not np.isfinite(values).all():
-                raise ValueError(f"reward {spec.label!r} returned {values.shape[0] if values.ndim else values} "
-                                 f"values for {len(picked)} completions, or a non-finite one")
+                raise ValueError(f"reward {spec.label!r} must return one finite number for each of its "
+                                 f"{len(picked)} completions, got {values.tolist()}")
             total[picked] += spec.weight * values
         return total
 
@@ -538,7 +538,7 @@ def sft_config(config: Any) -> Any:
         phase.optimizer.decay_steps = settings.sft_steps
         phase.optimizer.warmup_steps = min(phase.optimizer.warmup_steps, max(settings.sft_steps // 10, 1))
         phase.log_every = settings.sft_eval_every if settings.sft_target_accuracy else max(settings.sft_steps // 10, 1)
-        phase.checkpoint_every = settings.sft_steps
+        phase.checkpoint_every = max(settings.sft_steps // 4, 1)
     return phase
 
 

@@ -79,7 +79,7 @@ def mixed_rows(count: int, *, digits: int = 2, seed: int = 0, code_fraction: flo
     thinking mode), shuffled."""
     rng = np.random.default_rng(seed)
     num_code = int(round(count * code_fraction))
-    code = [_code_row(op, int(k)) for op in _CODE_OPERATIONS for k in range(1, 100)]
+    code = [_code_row(op, k) for op in _CODE_OPERATIONS for k in range(1, 1000)]
     if num_code > len(code):
         raise ValueError(f"task_options asks for {num_code} distinct code rows; there are {len(code)}")
     rows = addition_rows(count - num_code, digits=digits, seed=seed)

@@ -22,6 +22,7 @@ from dsjax import parallel
 from dsjax.data import default_data_config
 from dsjax.model.config import make_config
 from dsjax.model.dsa import DSA_STAGES
+from dsjax.tree import config_get
 
 __all__ = [
     "SCHEDULES",
@@ -180,12 +181,10 @@ def get(config: Any, key: str, defaults: Callable[[], Any] = default_train_confi
     The one reader of config keys: ``get(config, "num_steps")``,
     ``get(opt_cfg, "eps", default_optimizer_config)``.
     """
-    if isinstance(config, (Mapping, ml_collections.ConfigDict)):
-        if key in config:
-            return config[key]
-    elif config is not None and hasattr(config, key):
-        return getattr(config, key)
-    return defaults()[key]
+    try:
+        return config_get(config, key)
+    except KeyError:
+        return defaults()[key]
 
 
 def as_dict(x: Any) -> dict:
