@@ -97,15 +97,8 @@ class LanguageModel:
 
 
 def load(path: str, mesh=None, **overrides) -> LanguageModel:
-    """Load a checkpoint directory. `path` may be
-
-    - an HF checkpoint (config.json + *.safetensors, official DeepSeek names; bf16/fp32, or FP8 with
-      block scales, dequantised on load);
-    - an Orbax checkpoint written by `python -m dsjax.convert hf-to-orbax` (FP8-kept ones are
-      dequantised with their scales);
-    - a training run: its workdir, `WORKDIR/checkpoints`, or a step dir `WORKDIR/checkpoints/<step>`
-      (the latest complete step unless a step dir is given; the model config comes from the run
-      config saved with the checkpoint).
+    """Load a checkpoint directory: any layout `dsjax.convert.load.read_checkpoint` reads (HF, FP8 HF,
+    converted Orbax, a training run).
 
     `mesh`: load straight onto a device mesh: a `jax.sharding.Mesh`, or axis sizes / a preset name as
     in a training config's `mesh` (e.g. `{"expert": 4, "data": 2}`, "fsdp"; `data` takes the devices
